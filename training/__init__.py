@@ -1,0 +1,1 @@
+"""The learning loop: trajectories to GLPFT data, training, evaluation, the model registry."""

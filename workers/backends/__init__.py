@@ -1,0 +1,1 @@
+"""Inference backends a role worker can serve from (local transformers, scripted replay)."""

@@ -1,0 +1,92 @@
+"""The role task: take a rendered prompt off the role's queue, generate, and hand the text back to the orchestrator.
+
+A role worker is a stateless model server (vLLM's split: the orchestrator decides, the worker runs the model). It
+never reads or writes trajectory state. The model loads once per worker process, in a worker signal, not at
+import.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import structlog
+from celery.signals import worker_init, worker_process_init
+
+from orchestrator.logs import bind_step
+from orchestrator.protocol import ModelRole, Prompt
+from orchestrator.queues import STEP_RESULT, app, generate_task_name
+from orchestrator.settings import get_settings
+from workers.backends.base import Backend, GenerationRequest
+from workers.backends.factory import load_backend
+
+__all__ = ["serve_role", "backend"]
+
+log = structlog.get_logger(__name__)
+
+_role: ModelRole | None = None
+_backend: Backend | None = None
+
+
+def serve_role(role: ModelRole) -> None:
+    """Declare which role this process serves; the backend loads when the worker starts."""
+    global _role
+    _role = role
+
+
+def backend() -> Backend:
+    """The process's loaded model, loading it on first use if no worker signal did."""
+    global _backend
+    if _backend is None:
+        if _role is None:
+            raise RuntimeError("this process serves no role; start it with `umiq worker planner|caller|summarizer`")
+        settings = get_settings()
+        started = time.perf_counter()
+        _backend = load_backend(settings.role(_role.value), settings)
+        log.info("worker.model_ready", role=_role.value, model_version=_backend.model_version, seconds=round(time.perf_counter() - started, 2))
+    return _backend
+
+
+@worker_init.connect
+@worker_process_init.connect
+def _load_on_start(**_: Any) -> None:
+    if _role is not None:
+        backend()
+
+
+def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq: int, prompt: Prompt, stop: list[str], **_: Any) -> None:
+    with bind_step(trajectory_id, turn, seq, role.value):
+        role_settings = get_settings().role(role.value)
+        request = GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=role_settings.max_new_tokens,
+            temperature=role_settings.temperature,
+            stop=[*stop, *role_settings.stop],
+        )
+        started = time.perf_counter()
+        result = backend().generate([request])[0]
+        latency_ms = (time.perf_counter() - started) * 1000
+        log.info("step.generated", tokens_in=result.tokens_in, tokens_out=result.tokens_out, latency_ms=round(latency_ms, 1), error=result.error)
+        payload = {
+            "text": result.text,
+            "tokens_in": result.tokens_in,
+            "tokens_out": result.tokens_out,
+            "latency_ms": latency_ms,
+            "model_version": backend().model_version,
+            "worker": f"{role.value}@{socket.gethostname()}",
+            "error": result.error,
+        }
+        app.send_task(STEP_RESULT, kwargs={"step_id": step_id, "result": payload})
+
+
+def _register(role: ModelRole) -> None:
+    def generate(**kwargs: Any) -> None:
+        _generate(role, **kwargs)
+
+    generate.__doc__ = f"Generate one {role.value} step and send the text back to the orchestrator."
+    app.task(name=generate_task_name(role.value), acks_late=True)(generate)
+
+
+for _r in ModelRole:
+    _register(_r)
