@@ -200,7 +200,7 @@ def render_tool_docs(tools: Sequence[ToolSpec], *, compat: bool, description_cha
                 "description": t.description[:description_chars],
                 "parameters": _compact_parameters(t, description_chars),
             }
-        lines.append(json.dumps(doc, ensure_ascii=False))
+        lines.append(json.dumps(doc, ensure_ascii=compat))
     return "\n".join(lines)
 
 
@@ -250,7 +250,10 @@ _CHAT_BACKBONE_SYSTEM = (
 
 
 def _compat_history(history: Sequence[Message]) -> str:
-    return COMPAT_EOT.join(f"{m.speaker.value}: {m.content}" for m in history)
+    """``speaker: text`` segments, each closed by the end-of-turn marker except observations (as the reference does)."""
+    return "".join(
+        f"{m.speaker.value}: {m.content}{'' if m.speaker is Speaker.OBSERVATION else COMPAT_EOT}" for m in history
+    )
 
 
 def _chat_history(history: Sequence[Message]) -> str:
@@ -276,7 +279,6 @@ def render_planner(
             _compat_head(tools, description_chars)
             + _COMPAT_HISTORY_HEAD
             + _compat_history(history)
-            + COMPAT_EOT
             + _COMPAT_PLANNER_ASK
         )
     user = f"Conversation so far:\n{_chat_history(history)}\n\nWhat is the next step? End with the decision line."
@@ -298,7 +300,6 @@ def render_caller(
             _compat_head(tools, description_chars)
             + _COMPAT_HISTORY_HEAD
             + _compat_history(history)
-            + COMPAT_EOT
             + _COMPAT_CALLER_ASK.format(rationale=rationale, names=names)
         )
     user = (
@@ -311,7 +312,7 @@ def render_caller(
 def render_summarizer(history: Sequence[Message], *, compat: bool = False) -> Prompt:
     """The summarizer sees the history only: no tool documentation, by design of the paper."""
     if compat:
-        return _COMPAT_SUMMARIZER_HEAD + _compat_history(history) + COMPAT_EOT + " conclusion: "
+        return _COMPAT_SUMMARIZER_HEAD + _compat_history(history) + " conclusion: "
     user = f"Conversation so far:\n{_chat_history(history)}\n\nWrite the final answer to the user's latest request."
     return _chat(_CHAT_SUMMARIZER_SYSTEM, None, user, 0)
 
@@ -326,7 +327,6 @@ def render_backbone(
             _compat_head(tools, description_chars)
             + _COMPAT_HISTORY_HEAD
             + _compat_history(history)
-            + COMPAT_EOT
             + _COMPAT_BACKBONE_ASK.format(names=names)
         )
     user = f"Conversation so far:\n{_chat_history(history)}\n\nWhat is the next step?"
@@ -380,16 +380,20 @@ def _decision_of(word: str) -> Decision:
 
 
 def parse_planner(text: str) -> PlannerOutput:
-    """Keep the text up to the first decision line; no decision is an error to count (the reference assumed caller)."""
-    stripped = text.strip()
-    if not stripped:
+    """Keep the text up to the first decision line; no decision is an error to count (the reference assumed caller).
+
+    The kept text is the model's own up to the decision, which is rewritten in its canonical spelling, so history
+    and training targets stay byte-identical to the reference for well-formed outputs.
+    """
+    if not text.strip():
         return PlannerOutput(text="", rationale="", decision=None, error=ParseError.EMPTY)
-    match = _DECISION_RE.search(stripped)
+    match = _DECISION_RE.search(text)
     if match is None:
+        stripped = text.strip()
         return PlannerOutput(text=stripped, rationale=stripped, decision=None, error=ParseError.NO_DECISION)
     decision = _decision_of(match.group(1))
-    rationale = stripped[: match.start()].strip()
-    return PlannerOutput(text=format_planner(rationale, decision), rationale=rationale, decision=decision)
+    kept = f"{text[: match.start()]}Next: {_DECISION_WORDS[decision]}."
+    return PlannerOutput(text=kept, rationale=text[: match.start()].strip(), decision=decision)
 
 
 def _clean_tool_name(raw: str) -> str:
