@@ -93,6 +93,40 @@ def api(
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
 
 
+@app.command()
+def sweeper(
+    interval: Annotated[float | None, typer.Option(help="Seconds between sweeps; default UMIQ_SWEEP_INTERVAL_S.")] = None,
+) -> None:
+    """Re-send steps whose queue message was lost (run exactly one per deployment)."""
+    import time
+
+    import structlog
+
+    from orchestrator.engine import sweep
+
+    settings = get_settings()
+    setup_logging(settings)
+    migrate(settings.resolved_database_url)
+    engine = get_engine(settings.resolved_database_url)
+    log = structlog.get_logger("umiq.sweeper")
+    while True:
+        try:
+            resent = sweep(engine, settings)
+        except Exception as exc:  # a database outage must not end the sweeper; it retries next round
+            log.warning("sweep.failed", error=repr(exc))
+        else:
+            log.info("sweep.done", resent=resent)
+        time.sleep(interval or settings.sweep_interval_s)
+
+
+@app.command()
+def flower(port: Annotated[int, typer.Option(help="Port of Flower's web UI.")] = 5555) -> None:
+    """Flower, Celery's monitoring UI, on umiq's broker."""
+    from orchestrator.queues import app as celery_app
+
+    celery_app.start(["flower", f"--port={port}"])
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database to the newest schema."""
