@@ -30,7 +30,7 @@ class RoleSettings(BaseModel):
 
     model: str = Field(
         DEFAULT_MODEL,
-        description="'smollm2-135m' (offline default), a local folder, a hub id, or 'registry' for the active registry version.",
+        description="'smollm2-135m' (offline default), 'tiny-smollm2' (tests), a local folder, or a hub id.",
     )
     backend: str = Field("local", description="'local' (transformers in the worker) or 'scripted' (tests, replay).")
     max_new_tokens: int = Field(96, ge=1, le=8192, description="Upper bound on generated tokens per step.")
@@ -66,8 +66,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra modules the tools pool imports to register @tool functions (JSON list)."
     )
     model_cache: Path | None = Field(None, description="Where converted weights are cached; default UMIQ_HOME/models.")
+    api_max_turns: int = Field(32, ge=1, description="Most user turns one task may carry, appended turns included.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
-    api_max_turns: int = Field(32, ge=1, description="Most user turns one task may carry.")
     planner: RoleSettings = Field(default_factory=lambda: _role(96))
     caller: RoleSettings = Field(default_factory=lambda: _role(64))
     summarizer: RoleSettings = Field(default_factory=lambda: _role(96))
