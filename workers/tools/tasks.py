@@ -21,7 +21,6 @@ from orchestrator.logs import bind_step
 from orchestrator.queues import EXECUTE_TOOL, STEP_RESULT, app
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import ToolCatalog, session_scope, utcnow
-from workers.tools import bfcl, python_tools  # noqa: F401  (importing registers the built-in tool sets)
 from workers.tools.registry import execute, get_toolset, known_toolsets
 
 __all__ = ["load_tool_modules", "publish_catalog", "execute_tool"]
