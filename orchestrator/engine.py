@@ -37,7 +37,7 @@ from orchestrator.store import (
     utcnow,
 )
 
-__all__ = ["UnknownToolSet", "NotFound", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
+__all__ = ["UnknownToolSet", "NotFound", "TooManyTurns", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +48,15 @@ class UnknownToolSet(ValueError):
 
 class NotFound(LookupError):
     """No such task (or not visible to this owner)."""
+
+
+class TooManyTurns(ValueError):
+    """A task would carry more user turns than ``UMIQ_API_MAX_TURNS`` allows."""
+
+
+def _check_turns(count: int, settings: Settings) -> None:
+    if count > settings.api_max_turns:
+        raise TooManyTurns(f"a task may carry at most {settings.api_max_turns} user turns; this one would carry {count}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ def _catalog_specs(session: Session, names: Sequence[str]) -> list[dict[str, Any
 
 def submit(engine: sa.Engine, spec: TaskSpec, settings: Settings, *, owner: str | None = None) -> Task:
     """Store the task, its trajectory, the first user message and the first planner step; then publish that step."""
+    _check_turns(len(spec.turns), settings)
     with session_scope(engine) as session:
         specs = _catalog_specs(session, spec.tools)
         task = Task(
@@ -105,11 +115,16 @@ def submit(engine: sa.Engine, spec: TaskSpec, settings: Settings, *, owner: str 
 
 
 def append_turn(engine: sa.Engine, task_id: str, text: str, settings: Settings, *, owner: str | None = None) -> Task:
-    """A new user turn continues the same trajectory (same history, same tool state) once it has finished."""
+    """A new user turn continues the same trajectory (same history, same tool state).
+
+    While the trajectory runs the turn just waits its turn; once it has finished, the next turn that never ran (the
+    new one, unless the trajectory failed early) starts at once.
+    """
     with session_scope(engine) as session:
         task = session.get(Task, task_id, with_for_update=True)
         if task is None or (owner is not None and task.owner != owner):
             raise NotFound(task_id)
+        _check_turns(len(task.turns) + 1, settings)
         trajectory = _latest_trajectory(session, task_id, lock=True)
         task.turns = [*task.turns, text]
         session.add(task)
@@ -120,7 +135,7 @@ def append_turn(engine: sa.Engine, task_id: str, text: str, settings: Settings, 
         trajectory.finished_at = None
         trajectory.turn += 1
         trajectory.turn_planner_steps = 0
-        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, text)])
+        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, task.turns[trajectory.turn])])
         outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
     publish([outbound])
     return task

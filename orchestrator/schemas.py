@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-__all__ = ["TaskOptions", "TaskSpec", "StepView", "MessageView", "TaskView"]
+__all__ = ["Turn", "TaskOptions", "TaskSpec", "TurnSpec", "StepView", "MessageView", "TaskView"]
 
 Turn = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 ToolSetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")]
@@ -30,7 +30,7 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    turns: list[Turn] = Field(min_length=1, max_length=32, description="User turns, in order.")
+    turns: list[Turn] = Field(min_length=1, description="User turns, in order (at most UMIQ_API_MAX_TURNS).")
     tools: list[ToolSetName] = Field(
         default_factory=list, max_length=16, description="Tool set names: BFCL class names or registered tool sets."
     )
@@ -39,7 +39,17 @@ class TaskSpec(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict, description="Free-form labels, e.g. a BFCL entry id.")
 
 
+class TurnSpec(BaseModel):
+    """A user turn appended to an existing task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Turn
+
+
 class MessageView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     seq: int
     turn: int
     speaker: str
@@ -47,6 +57,8 @@ class MessageView(BaseModel):
 
 
 class StepView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     seq: int
     turn: int
     kind: str

@@ -16,7 +16,7 @@ def run_migrations_online() -> None:
     engine = store.get_engine(url)
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":
-            connection.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         context.configure(
             connection=connection,
             target_metadata=SQLModel.metadata,
@@ -24,9 +24,7 @@ def run_migrations_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
-        if connection.dialect.name == "postgresql":
-            connection.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
-            connection.commit()
+        connection.commit()
 
 
 run_migrations_online()
