@@ -182,7 +182,8 @@ def show(task_id: Annotated[str, typer.Argument(help="The task id submit printed
 def demo(
     tasks: Annotated[int, typer.Option(help="How many BFCL multi_turn_base entries to run.")] = 3,
     turns: Annotated[int, typer.Option(help="User turns per entry (BFCL entries have 1 to 8).")] = 1,
-    steps_per_turn: Annotated[int, typer.Option(help="Planner steps allowed per turn.")] = 3,
+    steps_per_turn: Annotated[int, typer.Option(help="Planner steps allowed per turn.")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per model step, unless UMIQ_<ROLE>__MAX_NEW_TOKENS is set.")] = 48,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for all tasks.")] = 900.0,
 ) -> None:
     """Run a few BFCL tasks end to end through the Celery pools (started here), then print each and a summary."""
@@ -190,7 +191,16 @@ def demo(
 
     settings = get_settings()
     setup_logging(settings)
-    raise typer.Exit(run_demo(settings, console, n_tasks=tasks, n_turns=turns, steps_per_turn=steps_per_turn, timeout=timeout))
+    code = run_demo(
+        settings,
+        console,
+        n_tasks=tasks,
+        n_turns=turns,
+        steps_per_turn=steps_per_turn,
+        max_new_tokens=max_new_tokens,
+        timeout=timeout,
+    )
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,16 @@ def judge(engine: sa.Engine, task_id: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def pools(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen]]:
-    """Start one process per pool (their logs go to files) and stop them all on exit."""
+def pools(settings: Settings, log_dir: Path, max_new_tokens: int) -> Iterator[list[subprocess.Popen]]:
+    """Start one process per pool (their logs go to files) and stop them all on exit.
+
+    Unless the user set them, the role pools generate at most ``max_new_tokens`` per step: on a CPU every token
+    counts, and an untrained backbone rambles.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "UMIQ_HOME": str(settings.home)}
+    for role in ("PLANNER", "CALLER", "SUMMARIZER"):
+        env.setdefault(f"UMIQ_{role}__MAX_NEW_TOKENS", str(max_new_tokens))
     procs = []
     for name in POOL_NAMES:
         log = (log_dir / f"{name}.log").open("w")
@@ -106,7 +113,7 @@ def pools(settings: Settings, log_dir: Path) -> Iterator[list[subprocess.Popen]]
                 [sys.executable, "-m", "orchestrator.cli", "worker", name, "--concurrency", "2"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "UMIQ_HOME": str(settings.home)},
+                env=env,
             )
         )
     try:
@@ -134,14 +141,25 @@ def _wait_for_catalog(engine: sa.Engine, names: list[str], procs: list[subproces
     raise TimeoutError("the tools pool did not publish its catalogue in time")
 
 
-def run_demo(settings: Settings, console: Console, *, n_tasks: int, n_turns: int, steps_per_turn: int, timeout: float) -> int:
+def run_demo(
+    settings: Settings,
+    console: Console,
+    *,
+    n_tasks: int,
+    n_turns: int,
+    steps_per_turn: int,
+    max_new_tokens: int,
+    timeout: float,
+) -> int:
     """Returns the process exit code: 0 when every task reached a final state, 1 otherwise."""
     migrate(settings.resolved_database_url)
     engine = get_engine(settings.resolved_database_url)
     specs = [bfcl_task(entry_id, n_turns=n_turns, steps_per_turn=steps_per_turn) for entry_id in pick_entries(n_tasks)]
-    console.print(f"[bold]umiq demo[/bold]: {len(specs)} BFCL tasks, database {settings.resolved_database_url}, broker {settings.broker_url or 'embedded filesystem'}")
+    broker = settings.broker_url or "embedded filesystem"
+    console.print(f"[bold]umiq demo[/bold]: {len(specs)} BFCL tasks, database {settings.resolved_database_url}, broker {broker}")
+    console.print(f"worker logs: {settings.home / 'logs'}; the first run converts SmolLM2 once (about 30 s)")
     client = Client(settings)
-    with pools(settings, settings.home / "logs") as procs:
+    with pools(settings, settings.home / "logs", max_new_tokens) as procs:
         _wait_for_catalog(engine, sorted({t for s in specs for t in s.tools}), procs, timeout=180)
         started = time.monotonic()
         ids = [client.submit(spec) for spec in specs]

@@ -62,6 +62,7 @@ def _view(task: Task, trajectory: Trajectory) -> TaskView:
         turn=trajectory.turn,
         turns=task.turns,
         tools=task.toolsets,
+        meta=task.meta,
         outcomes=trajectory.outcomes,
         failure=trajectory.failure,
         verdict=trajectory.verdict,
