@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,7 +29,7 @@ def redact(_logger: object, _name: str, event: dict) -> dict:
     return event
 
 
-def setup_logging(settings: Settings | None = None) -> None:
+def setup_logging(settings: Settings | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog and route the standard library's logging (celery, uvicorn) through the same renderer."""
     settings = settings or get_settings()
     level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
@@ -49,7 +50,7 @@ def setup_logging(settings: Settings | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
