@@ -266,8 +266,14 @@ def _chat(system: str, tools: Sequence[ToolSpec] | None, user: str, description_
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def _compat_head(tools: Sequence[ToolSpec], description_chars: int) -> str:
-    return _COMPAT_TOOLS_HEAD + render_tool_docs(tools, compat=True, description_chars=description_chars)
+def _compat_prompt(tools: Sequence[ToolSpec], history: Sequence[Message], ask: str, description_chars: int) -> str:
+    """The reference layout shared by planner, caller and backbone: tool docs, history, then the role's ask."""
+    docs = render_tool_docs(tools, compat=True, description_chars=description_chars)
+    return _COMPAT_TOOLS_HEAD + docs + _COMPAT_HISTORY_HEAD + _compat_history(history) + ask
+
+
+def _tool_names(tools: Sequence[ToolSpec]) -> str:
+    return ", ".join(t.name for t in tools)
 
 
 def render_planner(
@@ -275,12 +281,7 @@ def render_planner(
 ) -> Prompt:
     """The planner sees the tool docs, the task and the whole history, and is asked for a rationale + decision."""
     if compat:
-        return (
-            _compat_head(tools, description_chars)
-            + _COMPAT_HISTORY_HEAD
-            + _compat_history(history)
-            + _COMPAT_PLANNER_ASK
-        )
+        return _compat_prompt(tools, history, _COMPAT_PLANNER_ASK, description_chars)
     user = f"Conversation so far:\n{_chat_history(history)}\n\nWhat is the next step? End with the decision line."
     return _chat(_CHAT_PLANNER_SYSTEM, tools, user, description_chars)
 
@@ -295,13 +296,8 @@ def render_caller(
 ) -> Prompt:
     """The caller sees the tool docs, the history (ending with the planner's message) and that rationale again."""
     if compat:
-        names = ", ".join(t.name for t in tools)
-        return (
-            _compat_head(tools, description_chars)
-            + _COMPAT_HISTORY_HEAD
-            + _compat_history(history)
-            + _COMPAT_CALLER_ASK.format(rationale=rationale, names=names)
-        )
+        ask = _COMPAT_CALLER_ASK.format(rationale=rationale, names=_tool_names(tools))
+        return _compat_prompt(tools, history, ask, description_chars)
     user = (
         f"Conversation so far:\n{_chat_history(history)}\n\nThe planner's thought for this step:\n{rationale}\n\n"
         "Write the tool call."
@@ -322,13 +318,7 @@ def render_backbone(
 ) -> Prompt:
     """The single-agent (GLPFT global stage) prompt: one model plans, calls and concludes."""
     if compat:
-        names = ", ".join(t.name for t in tools)
-        return (
-            _compat_head(tools, description_chars)
-            + _COMPAT_HISTORY_HEAD
-            + _compat_history(history)
-            + _COMPAT_BACKBONE_ASK.format(names=names)
-        )
+        return _compat_prompt(tools, history, _COMPAT_BACKBONE_ASK.format(names=_tool_names(tools)), description_chars)
     user = f"Conversation so far:\n{_chat_history(history)}\n\nWhat is the next step?"
     return _chat(_CHAT_BACKBONE_SYSTEM, tools, user, description_chars)
 
