@@ -34,6 +34,8 @@ __all__ = [
     "render_caller",
     "render_summarizer",
     "render_backbone",
+    "backbone_step",
+    "backbone_history",
     "parse_planner",
     "parse_caller",
     "parse_summarizer",
@@ -316,10 +318,15 @@ def render_summarizer(history: Sequence[Message], *, compat: bool = False) -> Pr
 def render_backbone(
     tools: Sequence[ToolSpec], history: Sequence[Message], *, compat: bool = False, description_chars: int = 256
 ) -> Prompt:
-    """The single-agent (GLPFT global stage) prompt: one model plans, calls and concludes."""
+    """The single-agent (GLPFT global stage) prompt: one model plans, calls and concludes.
+
+    ``history`` is the α-UMi history (planner, caller, conclusion messages); it is shown as the single agent would
+    have written it (:func:`backbone_history`), which is how the reference renders backbone inputs.
+    """
+    merged = backbone_history(history)
     if compat:
-        return _compat_prompt(tools, history, _COMPAT_BACKBONE_ASK.format(names=_tool_names(tools)), description_chars)
-    user = f"Conversation so far:\n{_chat_history(history)}\n\nWhat is the next step?"
+        return _compat_prompt(tools, merged, _COMPAT_BACKBONE_ASK.format(names=_tool_names(tools)), description_chars)
+    user = f"Conversation so far:\n{_chat_history(merged)}\n\nWhat is the next step?"
     return _chat(_CHAT_BACKBONE_SYSTEM, tools, user, description_chars)
 
 
@@ -341,6 +348,40 @@ def format_backbone_target(rationale: str, *, call: str | None = None, answer: s
     if call is not None:
         return f"{rationale}\n{call}"
     return f"{rationale}\nconclusion: {answer if answer is not None else 'give up.'}"
+
+
+def backbone_step(planner: Message, following: Message | None) -> str | None:
+    """What the single agent writes for one planner step: its rationale merged with the step's action.
+
+    The action is the caller message that follows (``Action:``/``Action Input:``), the conclusion that follows
+    (``conclusion: <answer>``), or ``conclusion: give up.`` for a give-up decision. None when it is no give-up and
+    no caller or conclusion message follows it: the step has no action, so no single-agent text exists for it.
+    """
+    out = parse_planner(planner.content)
+    if out.decision is Decision.GIVE_UP:
+        return format_backbone_target(out.rationale)
+    if following is not None and following.speaker is Speaker.CALLER:
+        return format_backbone_target(out.rationale, call=following.content)
+    if following is not None and following.speaker is Speaker.SUMMARIZER:
+        return format_backbone_target(out.rationale, answer=following.content)
+    return None
+
+
+def backbone_history(history: Sequence[Message]) -> list[Message]:
+    """The α-UMi history as one agent wrote it: planner steps merged with their action (:func:`backbone_step`).
+
+    Caller and conclusion messages disappear into the planner message before them; a planner message without an
+    action stays as it is. Already merged histories come back unchanged.
+    """
+    merged = []
+    for i, message in enumerate(history):
+        if message.speaker in (Speaker.CALLER, Speaker.SUMMARIZER):
+            continue
+        if message.speaker is Speaker.PLANNER:
+            following = history[i + 1] if i + 1 < len(history) else None
+            message = Message(Speaker.PLANNER, backbone_step(message, following) or message.content)
+        merged.append(message)
+    return merged
 
 
 def stop_strings(role: ModelRole, *, compat: bool = False) -> list[str]:

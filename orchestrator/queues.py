@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from orchestrator import embedded_broker
 from orchestrator.settings import Settings, get_settings
 
 __all__ = [
@@ -51,7 +52,7 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
         return settings.broker_url, {"visibility_timeout": int(settings.step_timeout_s * 2 + 60)}
     folder = settings.home / "broker"
     (folder / "processed").mkdir(parents=True, exist_ok=True)
-    return "filesystem://", {
+    return f"{embedded_broker.SCHEME}://", {
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),

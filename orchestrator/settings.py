@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path.home() / ".umiq", description="Folder for the embedded database, broker and model cache.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in UMIQ_HOME (embedded mode).")
-    broker_url: str = Field("", description="Celery broker URL; empty means kombu's filesystem transport in UMIQ_HOME.")
+    broker_url: str = Field("", description="Celery broker URL; empty means the embedded filesystem broker in UMIQ_HOME.")
     log_format: str = Field("console", description="'console' for people, 'json' for one JSON event per line.")
     log_level: str = Field("INFO", description="Standard logging level name.")
     prompt_mode: PromptMode = Field(PromptMode.CHAT, description="'chat' (model's chat template) or 'compat' (α-UMi layout).")

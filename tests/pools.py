@@ -48,8 +48,9 @@ def pool_env(settings: Settings, extra: Mapping[str, str]) -> dict[str, str]:
 @contextmanager
 def running_pools(settings: Settings, log_dir: Path, extra: Mapping[str, str]) -> Iterator[dict[str, subprocess.Popen]]:
     """One process per pool, queues emptied first; on exit they are stopped and a failing test can read their logs."""
-    client = redis.Redis.from_url(settings.broker_url)
-    client.delete(*queues.QUEUES)
+    client = redis.Redis.from_url(settings.broker_url) if settings.broker_url else None
+    if client is not None:
+        client.delete(*queues.QUEUES)
     env = pool_env(settings, extra)
     procs: dict[str, subprocess.Popen] = {}
     for name in POOLS:
@@ -72,8 +73,9 @@ def running_pools(settings: Settings, log_dir: Path, extra: Mapping[str, str]) -
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        client.delete(*queues.QUEUES)
-        client.close()
+        if client is not None:
+            client.delete(*queues.QUEUES)
+            client.close()
 
 
 def _wait_ready(procs: dict[str, subprocess.Popen], log_dir: Path, timeout: float) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from orchestrator import protocol as P
 from orchestrator.protocol import Decision, Message, ModelRole, ParseError, Speaker, ToolSpec
+from tests.fixtures import reference
+from training.alpha_umi import messages_from_alpha_umi, tools_from_toolbench
 
 TOOLS = [
     ToolSpec(
@@ -184,35 +183,17 @@ def test_parsers_survive_huge_outputs() -> None:
 
 # --------------------------------------------------------------------------- against the reference's own sample
 
-SAMPLE = Path(os.environ.get("UMIQ_ALPHA_UMI_SAMPLE", Path(__file__).resolve().parents[2] / "shared/data/alpha-umi"))
-
-
-def _reference(name: str) -> list[dict]:
-    path = SAMPLE / name
-    if not path.exists():
-        pytest.skip(f"the α-UMi reference sample is not at {SAMPLE} (set UMIQ_ALPHA_UMI_SAMPLE)")
-    return json.loads(path.read_text())
-
 
 def _tools(sample: dict) -> list[ToolSpec]:
-    raw = sample["tools"] if isinstance(sample["tools"], list) else ast.literal_eval(sample["tools"])
-    specs = []
-    for tool in raw:
-        props = {}
-        for name, text in (tool.get("input") or {}).items():
-            kind, _, description = text.partition(", ")
-            props[name] = {"type": kind, "description": description}
-        specs.append(ToolSpec(tool["Name"], tool["function"], {"type": "object", "properties": props}))
-    return specs
+    return tools_from_toolbench(sample["tools"])
 
 
 def _history(sample: dict) -> list[Message]:
-    raw = sample["history"] if isinstance(sample["history"], list) else ast.literal_eval(sample["history"])
-    return [Message.from_dict(m) for m in raw]
+    return messages_from_alpha_umi(sample["history"])
 
 
 def test_compat_mode_reproduces_the_reference_prompts() -> None:
-    planner, caller, summarizer = (_reference(f"train_{r}.json") for r in ("planner", "caller", "summarizer"))
+    planner, caller, summarizer = (reference(f"train_{r}.json") for r in ("planner", "caller", "summarizer"))
     for s in planner:
         assert P.render_planner(_tools(s), _history(s), compat=True, description_chars=10**6) == s["input"]
     for s in caller:
@@ -223,9 +204,9 @@ def test_compat_mode_reproduces_the_reference_prompts() -> None:
 
 
 def test_reference_targets_parse_and_round_trip() -> None:
-    for s in _reference("train_planner.json"):
+    for s in reference("train_planner.json"):
         out = P.parse_planner(s["target"])
         assert out.error is None and out.text == s["target"]
-    for s in _reference("train_caller.json"):
+    for s in reference("train_caller.json"):
         out = P.parse_caller(s["target"])
         assert out.error is None and out.text == s["target"]
