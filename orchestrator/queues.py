@@ -56,6 +56,7 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
         # kombu's default of 1 s gives about one hop a second; 10 ms gives about 80.
         "polling_interval": 0.01,
