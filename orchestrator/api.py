@@ -21,7 +21,7 @@ from sqlmodel import Session
 from orchestrator import queues, store, views
 from orchestrator import engine as engine_ops
 from orchestrator.engine import NotFound, TooManyTurns, UnknownToolSet
-from orchestrator.schemas import StepView, TaskSpec, TaskView, TurnSpec
+from orchestrator.schemas import FeedbackSpec, StepView, TaskSpec, TaskView, TurnSpec
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import TrajectoryStatus
 
@@ -201,6 +201,18 @@ def submit(spec: TaskSpec, db: DB, settings: Config, owner: Owner) -> TaskCreate
 def append_turn(task_id: str, turn: TurnSpec, db: DB, settings: Config, owner: Owner) -> TurnAccepted:
     """Continue a task with another user turn; it runs once the current turns have finished."""
     return TurnAccepted(id=task_id, turns=len(engine_ops.append_turn(db, task_id, turn.text, settings, owner=owner).turns))
+
+
+class FeedbackAccepted(BaseModel):
+    id: int
+
+
+@router.post(
+    "/v1/tasks/{task_id}/feedback", status_code=status.HTTP_201_CREATED, response_model=FeedbackAccepted, tags=["tasks"]
+)
+def add_feedback(task_id: str, feedback: FeedbackSpec, db: DB, owner: Owner) -> FeedbackAccepted:
+    """Score a task's trajectory (0 to 1, with an optional comment) for the learning loop."""
+    return FeedbackAccepted(id=engine_ops.add_feedback(db, task_id, feedback.score, feedback.comment, owner=owner))
 
 
 @router.get("/v1/tasks/{task_id}", response_model=TaskView, tags=["tasks"])

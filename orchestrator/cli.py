@@ -179,6 +179,19 @@ def show(task_id: Annotated[str, typer.Argument(help="The task id submit printed
 
 
 @app.command()
+def feedback(
+    task_id: Annotated[str, typer.Argument(help="The task to judge.")],
+    score: Annotated[float, typer.Option(help="0 = useless, 1 = exactly right.", min=0.0, max=1.0)],
+    comment: Annotated[str | None, typer.Option(help="Why.")] = None,
+) -> None:
+    """Score a task's trajectory; the learning loop can train only on well-judged trajectories."""
+    from orchestrator.client import Client
+
+    feedback_id = Client(get_settings()).feedback(task_id, score, comment)
+    console.print(f"feedback {feedback_id} recorded for {task_id}")
+
+
+@app.command()
 def demo(
     tasks: Annotated[int, typer.Option(help="How many BFCL multi_turn_base entries to run.")] = 3,
     turns: Annotated[int, typer.Option(help="User turns per entry (BFCL entries have 1 to 8).")] = 1,

@@ -16,7 +16,7 @@ import httpx
 from orchestrator import queues, store, views
 from orchestrator import engine as engine_ops
 from orchestrator.engine import NotFound, UnknownToolSet
-from orchestrator.schemas import StepView, TaskSpec, TaskView, TurnSpec
+from orchestrator.schemas import FeedbackSpec, StepView, TaskSpec, TaskView, TurnSpec
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["Client", "HttpClient", "TaskTimeout", "RequestRejected"]
@@ -106,6 +106,11 @@ class Client(_Follower):
         """Continue a task with another user turn; returns how many turns it now carries."""
         return len(engine_ops.append_turn(self._db, task_id, TurnSpec(text=text).text, self.settings, owner=self.owner).turns)
 
+    def feedback(self, task_id: str, score: float, comment: str | None = None) -> int:
+        """Score the task's trajectory for the learning loop; returns the feedback id."""
+        spec = FeedbackSpec(score=score, comment=comment)
+        return engine_ops.add_feedback(self._db, task_id, spec.score, spec.comment, owner=self.owner)
+
     def get(self, task_id: str, *, detail: bool = False) -> TaskView:
         with store.session_scope(self._db) as session:
             return views.task_view(session, task_id, owner=self.owner, detail=detail)
@@ -140,6 +145,10 @@ class HttpClient(_Follower):
     def append_turn(self, task_id: str, text: str) -> int:
         turn = TurnSpec(text=text)
         return self._call("POST", f"/v1/tasks/{task_id}/turns", task_id, json=turn.model_dump())["turns"]
+
+    def feedback(self, task_id: str, score: float, comment: str | None = None) -> int:
+        body = FeedbackSpec(score=score, comment=comment).model_dump()
+        return self._call("POST", f"/v1/tasks/{task_id}/feedback", task_id, json=body)["id"]
 
     def get(self, task_id: str, *, detail: bool = False) -> TaskView:
         path = f"/v1/tasks/{task_id}/trajectory" if detail else f"/v1/tasks/{task_id}"

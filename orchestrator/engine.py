@@ -24,6 +24,7 @@ from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name
 from orchestrator.schemas import TaskSpec
 from orchestrator.settings import Settings
 from orchestrator.store import (
+    Feedback,
     Message,
     Step,
     StepKind,
@@ -37,7 +38,7 @@ from orchestrator.store import (
     utcnow,
 )
 
-__all__ = ["UnknownToolSet", "NotFound", "TooManyTurns", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
+__all__ = ["UnknownToolSet", "NotFound", "TooManyTurns", "add_feedback", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +140,20 @@ def append_turn(engine: sa.Engine, task_id: str, text: str, settings: Settings, 
         outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
     publish([outbound])
     return task
+
+
+def add_feedback(
+    engine: sa.Engine, task_id: str, score: float, comment: str | None, *, owner: str | None = None
+) -> int:
+    """Attach a score and comment to the task's latest trajectory; returns the feedback id."""
+    with session_scope(engine) as session:
+        task = session.get(Task, task_id)
+        if task is None or (owner is not None and task.owner != owner):
+            raise NotFound(task_id)
+        feedback = Feedback(trajectory_id=_latest_trajectory(session, task_id).id, score=score, comment=comment, owner=owner)
+        session.add(feedback)
+        session.flush()
+        return feedback.id
 
 
 def _latest_trajectory(session: Session, task_id: str, *, lock: bool = False) -> Trajectory:

@@ -28,6 +28,7 @@ __all__ = [
     "PlannerOutput",
     "CallerOutput",
     "SummaryOutput",
+    "BackboneOutput",
     "COMPAT_EOT",
     "render_tool_docs",
     "render_planner",
@@ -39,6 +40,7 @@ __all__ = [
     "parse_planner",
     "parse_caller",
     "parse_summarizer",
+    "parse_backbone",
     "format_planner",
     "format_call",
     "format_backbone_target",
@@ -159,6 +161,18 @@ class SummaryOutput:
     """A parsed summarizer step: the final answer of the turn."""
 
     answer: str
+    error: ParseError | None = None
+
+
+@dataclass(frozen=True)
+class BackboneOutput:
+    """A parsed single-agent step: its rationale and decision, with the call (a decision to call) or the answer."""
+
+    text: str
+    rationale: str
+    decision: Decision | None
+    call: CallerOutput | None = None
+    answer: str | None = None
     error: ParseError | None = None
 
 
@@ -399,6 +413,8 @@ def stop_strings(role: ModelRole, *, compat: bool = False) -> list[str]:
 _DECISION_RE = re.compile(r"Next\s*:\s*(give\s*up|conclusion|summari[sz]er|caller)\s*\.?", re.IGNORECASE)
 _ACTION_RE = re.compile(r"Action\s*:[ \t]*(.*)")
 _ACTION_INPUT_RE = re.compile(r"Action\s+Input\s*:")
+_CONCLUSION_RE = re.compile(r"conclusion\s*:", re.IGNORECASE)
+_GIVE_UP_RE = re.compile(r"give\s*up\b", re.IGNORECASE)
 
 
 def _decision_of(word: str) -> Decision:
@@ -475,3 +491,28 @@ def parse_summarizer(text: str) -> SummaryOutput:
     if not answer:
         return SummaryOutput(answer="", error=ParseError.EMPTY)
     return SummaryOutput(answer=answer)
+
+
+def parse_backbone(text: str) -> BackboneOutput:
+    """Read what :func:`format_backbone_target` writes: a rationale, then an action or ``conclusion: <answer>``.
+
+    The first of ``Action:`` and ``conclusion:`` decides, so an argument or an answer quoting the other marker
+    cannot flip it (the reference's evaluation lets ``conclusion:`` win anywhere; the two agree on every
+    well-formed output). An answer opening with ``give up`` is the give-up decision, as the reference reads it.
+    The call is read by :func:`parse_caller`, so its errors are the caller's; no marker at all is no decision.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return BackboneOutput(text="", rationale="", decision=None, error=ParseError.EMPTY)
+    markers = [m for m in (_ACTION_RE.search(stripped), _CONCLUSION_RE.search(stripped)) if m is not None]
+    if not markers:
+        return BackboneOutput(text=stripped, rationale=stripped, decision=None, error=ParseError.NO_DECISION)
+    first = min(markers, key=lambda m: m.start())
+    rationale = stripped[: first.start()].strip()
+    if first.re is _ACTION_RE:
+        call = parse_caller(stripped[first.start() :])
+        return BackboneOutput(stripped, rationale, Decision.CALL, call=call, error=call.error)
+    answer = stripped[first.end() :].strip()
+    if _GIVE_UP_RE.match(answer):
+        return BackboneOutput(stripped, rationale, Decision.GIVE_UP)
+    return BackboneOutput(stripped, rationale, Decision.CONCLUSION, answer=answer, error=None if answer else ParseError.EMPTY)

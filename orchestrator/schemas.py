@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-__all__ = ["Turn", "TaskOptions", "TaskSpec", "TurnSpec", "StepView", "MessageView", "TaskView"]
+__all__ = ["Turn", "TaskOptions", "TaskSpec", "TurnSpec", "FeedbackSpec", "StepView", "MessageView", "TaskView"]
 
 Turn = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
 ToolSetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")]
@@ -45,6 +45,15 @@ class TurnSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: Turn
+
+
+class FeedbackSpec(BaseModel):
+    """A user's judgement of a task's trajectory; the learning loop can train only on well-judged ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: float = Field(ge=0.0, le=1.0, description="0 = useless, 1 = exactly right.")
+    comment: str | None = Field(None, max_length=4000)
 
 
 class MessageView(BaseModel):

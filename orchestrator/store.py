@@ -30,6 +30,9 @@ __all__ = [
     "Step",
     "ToolCall",
     "ToolCatalog",
+    "Feedback",
+    "ModelStatus",
+    "ModelVersion",
     "utcnow",
     "new_id",
     "get_engine",
@@ -182,6 +185,44 @@ class ToolCatalog(SQLModel, table=True):
     specs: list[dict[str, Any]] = _json(default_factory=list)
     stateful: bool = False
     updated_at: datetime = _stamp()
+
+
+class Feedback(SQLModel, table=True):
+    """A user's judgement of a trajectory (score and comment); the learning loop filters training data by it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    score: float
+    comment: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    owner: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _stamp()
+
+
+class ModelStatus(StrEnum):
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    RETIRED = "retired"
+
+
+class ModelVersion(SQLModel, table=True):
+    """One trained model in the registry: what it was trained from and how, how it scored, and whether it serves.
+
+    ``hyperparameters`` holds the GLPFT config the version was trained with, so it can be reproduced from its record.
+    At most one version per role is ``active``; role workers configured with ``model=registry`` serve it.
+    """
+
+    id: str = Field(primary_key=True, max_length=128)
+    role: str = Field(index=True, max_length=16)
+    parent: str | None = Field(default=None, max_length=128)
+    path: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    data_snapshot: dict[str, Any] = _json(default_factory=dict)
+    hyperparameters: dict[str, Any] = _json(default_factory=dict)
+    metrics: dict[str, Any] = _json(default_factory=dict)
+    status: str = Field(default=ModelStatus.CANDIDATE, index=True, max_length=16)
+    reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
+    created_at: datetime = _stamp()
+    promoted_at: datetime | None = _maybe_stamp()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

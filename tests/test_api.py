@@ -24,11 +24,21 @@ from orchestrator.api import create_app
 from orchestrator.client import Client, HttpClient, RequestRejected, TaskTimeout
 from orchestrator.engine import NotFound, UnknownToolSet
 from orchestrator.settings import Settings
-from orchestrator.store import Message, Step, StepStatus, Task, ToolCall, Trajectory, TrajectoryStatus, session_scope
+from orchestrator.store import (
+    Feedback,
+    Message,
+    Step,
+    StepStatus,
+    Task,
+    ToolCall,
+    Trajectory,
+    TrajectoryStatus,
+    session_scope,
+)
 
 __all__: list[str] = []
 
-TABLES = (Task, Trajectory, Message, Step, ToolCall)
+TABLES = (Task, Trajectory, Message, Step, ToolCall, Feedback)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -120,7 +130,7 @@ def test_submit_stores_everything_and_publishes_to_planner_queue(
 
     after = counts(engine)
     added = {k: after[k] - before[k] for k in after}
-    assert added == {"Task": 1, "Trajectory": 1, "Message": 1, "Step": 1, "ToolCall": 0}
+    assert added == {"Task": 1, "Trajectory": 1, "Message": 1, "Step": 1, "ToolCall": 0, "Feedback": 0}
     with Session(engine) as session:
         task = session.get(Task, task_id)
         assert (task.turns, task.toolsets, task.meta) == (["What is 2 + 3?"], [catalog], {"bfcl_id": "x1"})
@@ -525,3 +535,25 @@ def test_http_client_matches_the_client(
         with pytest.raises(RequestRejected) as too_big:
             remote.submit(spec([catalog], meta={"blob": "x" * 5000}))
         assert too_big.value.status_code == 413
+
+
+def test_feedback_is_stored_against_the_latest_trajectory(http: TestClient, engine: sa.Engine, catalog: str) -> None:
+    task_id = http.post("/v1/tasks", json=spec([catalog])).json()["id"]
+    response = http.post(f"/v1/tasks/{task_id}/feedback", json={"score": 0.75, "comment": "close"})
+    assert response.status_code == 201
+    trajectory_id = http.get(f"/v1/tasks/{task_id}").json()["trajectory_id"]
+    with Session(engine) as session:
+        row = session.get(Feedback, response.json()["id"])
+    assert (row.trajectory_id, row.score, row.comment) == (trajectory_id, 0.75, "close")
+
+
+@pytest.mark.parametrize("body", [{"score": 1.5}, {"score": -0.1}, {}, {"score": "good"}, {"score": 1, "extra": 1}])
+def test_bad_feedback_is_422_and_stores_nothing(http: TestClient, engine: sa.Engine, catalog: str, body: dict) -> None:
+    task_id = http.post("/v1/tasks", json=spec([catalog])).json()["id"]
+    before = counts(engine)
+    assert http.post(f"/v1/tasks/{task_id}/feedback", json=body).status_code == 422
+    assert counts(engine) == before
+
+
+def test_feedback_on_an_unknown_task_is_404(http: TestClient, engine: sa.Engine) -> None:
+    assert http.post("/v1/tasks/nope/feedback", json={"score": 1}).status_code == 404

@@ -12,12 +12,14 @@ import time
 from typing import Any
 
 import structlog
+from sqlmodel import select
 from celery.signals import worker_init, worker_process_init
 
 from orchestrator.logs import bind_step
 from orchestrator.protocol import ModelRole, Prompt
 from orchestrator.queues import STEP_RESULT, app, generate_task_name
-from orchestrator.settings import get_settings
+from orchestrator.settings import REGISTRY, Settings, get_settings
+from orchestrator.store import ModelStatus, ModelVersion, get_engine, session_scope
 from workers.backends.base import Backend, GenerationRequest
 from workers.backends.factory import load_backend
 
@@ -27,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 _role: ModelRole | None = None
 _backend: Backend | None = None
+_serving: str | None = None
+_checked_at = 0.0
 
 
 def serve_role(role: ModelRole) -> None:
@@ -35,16 +39,45 @@ def serve_role(role: ModelRole) -> None:
     _role = role
 
 
+def _active_version_path(settings: Settings, role: ModelRole) -> str | None:
+    engine = get_engine(settings.resolved_database_url)
+    with session_scope(engine) as session:
+        return session.exec(
+            select(ModelVersion.path).where(ModelVersion.role == role.value, ModelVersion.status == ModelStatus.ACTIVE)
+        ).one_or_none()
+
+
+def _wanted_model(settings: Settings, role: ModelRole) -> str:
+    """The configured model, or for ``model=registry`` the role's active version (polled, not queried every step)."""
+    global _checked_at
+    configured = settings.role(role.value)
+    if configured.model != REGISTRY:
+        return configured.model
+    if _serving is not None and time.monotonic() - _checked_at < settings.registry_poll_s:
+        return _serving
+    _checked_at = time.monotonic()
+    return _active_version_path(settings, role) or configured.base_model
+
+
 def backend() -> Backend:
-    """The process's loaded model, loading it on first use if no worker signal did."""
-    global _backend
-    if _backend is None:
-        if _role is None:
-            raise RuntimeError("this process serves no role; start it with `umiq worker planner|caller|summarizer`")
-        settings = get_settings()
+    """The process's loaded model; a newly promoted registry version replaces it between two steps, never during one."""
+    global _backend, _serving
+    if _role is None:
+        raise RuntimeError("this process serves no role; start it with `umiq worker planner|caller|summarizer`")
+    settings = get_settings()
+    wanted = _wanted_model(settings, _role)
+    if _backend is None or wanted != _serving:
         started = time.perf_counter()
-        _backend = load_backend(settings.role(_role.value), settings)
-        log.info("worker.model_ready", role=_role.value, model_version=_backend.model_version, seconds=round(time.perf_counter() - started, 2))
+        role_settings = settings.role(_role.value).model_copy(update={"model": wanted})
+        previous = _backend.model_version if _backend is not None else None
+        _backend, _serving = load_backend(role_settings, settings), wanted
+        log.info(
+            "worker.model_ready",
+            role=_role.value,
+            model_version=_backend.model_version,
+            replaced=previous,
+            seconds=round(time.perf_counter() - started, 2),
+        )
     return _backend
 
 
@@ -65,7 +98,8 @@ def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq:
             stop=[*stop, *role_settings.stop],
         )
         started = time.perf_counter()
-        result = backend().generate([request])[0]
+        serving = backend()
+        result = serving.generate([request])[0]
         latency_ms = (time.perf_counter() - started) * 1000
         log.info("step.generated", tokens_in=result.tokens_in, tokens_out=result.tokens_out, latency_ms=round(latency_ms, 1), error=result.error)
         payload = {
@@ -73,7 +107,7 @@ def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq:
             "tokens_in": result.tokens_in,
             "tokens_out": result.tokens_out,
             "latency_ms": latency_ms,
-            "model_version": backend().model_version,
+            "model_version": serving.model_version,
             "worker": f"{role.value}@{socket.gethostname()}",
             "error": result.error,
         }
