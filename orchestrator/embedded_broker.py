@@ -36,6 +36,7 @@ class Channel(filesystem.Channel):
 class Transport(filesystem.Transport):
     Channel = Channel
     driver_name = SCHEME
+    default_connection_params: dict[str, Any] = {}  # a folder has no host: kombu would warn about the missing one
 
 
 TRANSPORT_ALIASES[SCHEME] = f"{__name__}:Transport"

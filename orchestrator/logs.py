@@ -60,6 +60,7 @@ def setup_logging(settings: Settings | None = None, stream: TextIO | None = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
 
 @contextmanager
