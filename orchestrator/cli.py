@@ -21,6 +21,8 @@ __all__ = ["app"]
 app = typer.Typer(help="umiq: the α-UMi multi-LLM agent on Celery, Redis and Postgres.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(help="The model registry: versions, promotion, rollback.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console()
 
 POOLS = ("planner", "caller", "summarizer", "tools", "orchestrator")
@@ -125,6 +127,50 @@ def flower(port: Annotated[int, typer.Option(help="Port of Flower's web UI.")] =
     from orchestrator.queues import app as celery_app
 
     celery_app.start(["flower", f"--port={port}"])
+
+
+@models_app.command("list")
+def models_list(role: Annotated[str | None, typer.Option(help="Only this role.")] = None) -> None:
+    """Every registered version, newest first, with its status, reason and key metrics."""
+    from rich.table import Table
+
+    from training import registry
+
+    settings = get_settings()
+    table = Table(title="model versions")
+    for column in ("version", "role", "status", "parent", "metrics", "reason", "created"):
+        table.add_column(column)
+    for v in registry.versions(get_engine(settings.resolved_database_url), role):
+        metrics = ", ".join(f"{k} {v.metrics[k]:.1f}" for k in registry.ROLE_METRICS.get(v.role, ()) if k in v.metrics)
+        table.add_row(v.id, v.role, v.status, v.parent or "-", metrics or "-", v.reason or "-", f"{v.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The version id to serve.")],
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "promoted by hand",
+) -> None:
+    """Make a version its role's active one; registry-served workers switch to it between steps."""
+    from training import registry
+
+    settings = get_settings()
+    promoted = registry.promote(get_engine(settings.resolved_database_url), version, reason=reason)
+    console.print(f"{promoted.id} now serves the {promoted.role} role")
+
+
+@models_app.command("rollback")
+def models_rollback(role: Annotated[str, typer.Argument(help="planner | caller | summarizer")]) -> None:
+    """Stop serving a role's active version and go back to the one it replaced (or the base model)."""
+    from training import registry
+
+    settings = get_settings()
+    try:
+        restored = registry.rollback(get_engine(settings.resolved_database_url), role)
+    except registry.RegistryError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"{role} now serves {restored.id if restored else settings.role(role).base_model + ' (base model)'}")
 
 
 @db_app.command("upgrade")
