@@ -25,11 +25,12 @@ models_app = typer.Typer(help="The model registry: versions, promotion, rollback
 app.add_typer(models_app, name="models")
 console = Console()
 
-POOLS = ("planner", "caller", "summarizer", "tools", "orchestrator")
+POOLS = ("planner", "caller", "summarizer", "tools", "orchestrator", "training")
+MODEL_POOLS = ("planner", "caller", "summarizer", "training")
 
 
 def _celery_argv(pool: str, concurrency: int, loglevel: str) -> list[str]:
-    if pool in ("planner", "caller", "summarizer"):
+    if pool in MODEL_POOLS:
         execution = ["--pool", "solo"]
     elif pool == "orchestrator":
         execution = ["--pool", "threads", "--concurrency", str(concurrency)]
@@ -51,7 +52,7 @@ def _celery_argv(pool: str, concurrency: int, loglevel: str) -> list[str]:
 
 @app.command()
 def worker(
-    pool: Annotated[str, typer.Argument(help="planner | caller | summarizer | tools | orchestrator")],
+    pool: Annotated[str, typer.Argument(help="planner | caller | summarizer | tools | orchestrator | training")],
     concurrency: Annotated[int, typer.Option(help="Processes (tools) or threads (orchestrator); model pools run one model per process.")] = 2,
     loglevel: Annotated[str, typer.Option(help="Celery's log level.")] = "INFO",
 ) -> None:
@@ -67,6 +68,10 @@ def worker(
         from workers import roles
 
         roles.serve_role(ModelRole(pool))
+    elif pool == "training":
+        import training.tasks  # noqa: F401  (registers the training cycle task)
+
+        migrate(settings.resolved_database_url)
     elif pool == "tools":
         from workers.tools import tasks as tool_tasks
 
@@ -119,6 +124,75 @@ def sweeper(
         else:
             log.info("sweep.done", resent=resent)
         time.sleep(interval or settings.sweep_interval_s)
+
+
+@app.command()
+def beat() -> None:
+    """The one scheduler (RedBeat, locked in Redis): sends a retraining cycle every UMIQ_TRAIN_EVERY_S."""
+    settings = get_settings()
+    setup_logging(settings)
+    if settings.embedded:
+        console.print("[red]the scheduler keeps its lock in Redis: set UMIQ_BROKER_URL, or run `umiq train` by hand[/red]")
+        raise typer.Exit(2)
+    from orchestrator.queues import app as celery_app
+
+    celery_app.start(["beat", "--loglevel", "INFO"])
+
+
+@app.command()
+def train(
+    force: Annotated[bool, typer.Option(help="Train even if too few new trajectories arrived (by hand: yes).")] = True,
+    max_steps: Annotated[int | None, typer.Option(help="Cap optimizer steps per stage (CPU runs).")] = None,
+    seed_limit: Annotated[int | None, typer.Option(help="Use only this many seed trajectories (CPU runs).")] = None,
+    dev_limit: Annotated[int | None, typer.Option(help="Dev steps scored per system for the gate.")] = None,
+    method: Annotated[str | None, typer.Option(help="full | lora")] = None,
+    base_model: Annotated[str | None, typer.Option(help="What the global stage starts from.")] = None,
+    queue: Annotated[bool, typer.Option(help="Send the cycle to the training pool instead of running it here.")] = False,
+) -> None:
+    """Run one learning-loop cycle: data, GLPFT (global + three roles), dev evaluation, register, gate, promote."""
+    settings = get_settings()
+    setup_logging(settings)
+    overrides = {"train_max_steps": max_steps, "train_seed_limit": seed_limit, "train_dev_limit": dev_limit,
+                 "train_method": method, "train_base_model": base_model}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if queue:
+        from orchestrator.queues import TRAIN_CYCLE
+        from orchestrator.queues import app as celery_app
+
+        celery_app.send_task(TRAIN_CYCLE, kwargs={"force": force})
+        console.print("cycle sent to the training pool")
+        return
+    from training.cycle import run_cycle
+    from training.cycle_config import CycleConfig
+
+    migrate(settings.resolved_database_url)
+    report = run_cycle(get_engine(settings.resolved_database_url), settings, CycleConfig.from_settings(settings), force=force)
+    _print_cycle(report)
+
+
+def _print_cycle(report: object) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{report.cycle}[/bold]: {report.reason} ({report.seconds:.0f} s)")
+    if not report.trained:
+        return
+    stages = Table(title="GLPFT stages")
+    for column in ("stage", "version", "samples", "steps", "tokens/s", "wall s", "peak MB", "final loss"):
+        stages.add_column(column)
+    for name, stage in report.stages.items():
+        loss = stage["loss_history"][-1]["loss"] if stage["loss_history"] else float("nan")
+        stages.add_row(name, stage["version"], str(stage["samples"]), str(stage["global_step"]), f"{stage['tokens_per_s']:.0f}",
+                       f"{stage['wall_s']:.0f}", f"{stage['peak_memory_mb']:.0f}", f"{loss:.3f}")
+    console.print(stages)
+    gate = Table(title="dev metrics and gate")
+    for column in ("metric", "serving", "candidate"):
+        gate.add_column(column)
+    for name in ("plan_acc", "act_em", "hallu", "arg_f1", "rouge_l"):
+        gate.add_row(name, f"{report.baseline.get(name, float('nan')):.1f}", f"{report.candidate.get(name, float('nan')):.1f}")
+    console.print(gate)
+    for role, decision in report.decisions.items():
+        verdict = "[green]promoted[/green]" if decision["promoted"] else "[red]rejected[/red]"
+        console.print(f"{role}: {decision['version']} {verdict}: {decision['reason']}")
 
 
 @app.command()

@@ -21,17 +21,19 @@ __all__ = [
     "EXECUTE_TOOL",
     "STEP_RESULT",
     "SWEEP",
+    "TRAIN_CYCLE",
     "generate_task_name",
     "celery_config",
     "app",
     "configure",
 ]
 
-QUEUES = ("planner", "caller", "summarizer", "tools", "orchestrator")
+QUEUES = ("planner", "caller", "summarizer", "tools", "orchestrator", "training")
 GENERATE = "umiq.generate.{role}"
 EXECUTE_TOOL = "umiq.tools.execute"
 STEP_RESULT = "umiq.orchestrator.step_result"
 SWEEP = "umiq.orchestrator.sweep"
+TRAIN_CYCLE = "umiq.training.cycle"
 
 
 def generate_task_name(role: str) -> str:
@@ -43,6 +45,7 @@ def _routes() -> dict[str, dict[str, str]]:
     routes[EXECUTE_TOOL] = {"queue": "tools"}
     routes[STEP_RESULT] = {"queue": "orchestrator"}
     routes[SWEEP] = {"queue": "orchestrator"}
+    routes[TRAIN_CYCLE] = {"queue": "training"}
     return routes
 
 
@@ -84,6 +87,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "broker_channel_error_retry": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Exactly one scheduler: RedBeat keeps the schedule in Redis under a lock, so a second beat just waits.
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": settings.broker_url or None,
+        "redbeat_lock_timeout": 300,
+        "beat_schedule": {
+            "umiq-retrain": {"task": TRAIN_CYCLE, "schedule": settings.train_every_s, "options": {"queue": "training"}}
+        },
     }
 
 

@@ -32,15 +32,18 @@ def test_every_umiq_service_command_parses_against_the_cli(name: str) -> None:
 def test_there_is_one_service_per_pool_and_the_infrastructure() -> None:
     for pool in POOLS:
         assert SERVICES[pool]["command"][:2] == ["worker", pool]
-    assert {"redis", "postgres", "api", "flower", "sweeper"} <= set(SERVICES)
+    assert {"redis", "postgres", "api", "flower", "sweeper", "beat"} <= set(SERVICES)
+
+
+@pytest.mark.parametrize("pool", ["planner", "caller", "summarizer", "training"])
+def test_model_pools_reserve_a_gpu(pool: str) -> None:
+    (device,) = SERVICES[pool]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
 
 
 @pytest.mark.parametrize("role", ["planner", "caller", "summarizer"])
-def test_model_pools_reserve_a_gpu_and_scale_on_their_own(role: str) -> None:
-    deploy = SERVICES[role]["deploy"]
-    (device,) = deploy["resources"]["reservations"]["devices"]
-    assert device["capabilities"] == ["gpu"]
-    assert f"UMIQ_{role.upper()}_REPLICAS" in str(deploy["replicas"])
+def test_each_role_scales_on_its_own(role: str) -> None:
+    assert f"UMIQ_{role.upper()}_REPLICAS" in str(SERVICES[role]["deploy"]["replicas"])
 
 
 def test_services_reach_redis_and_postgres() -> None:
