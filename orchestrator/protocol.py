@@ -496,23 +496,24 @@ def parse_summarizer(text: str) -> SummaryOutput:
 def parse_backbone(text: str) -> BackboneOutput:
     """Read what :func:`format_backbone_target` writes: a rationale, then an action or ``conclusion: <answer>``.
 
-    The first of ``Action:`` and ``conclusion:`` decides, so an argument or an answer quoting the other marker
-    cannot flip it (the reference's evaluation lets ``conclusion:`` win anywhere; the two agree on every
-    well-formed output). An answer opening with ``give up`` is the give-up decision, as the reference reads it.
-    The call is read by :func:`parse_caller`, so its errors are the caller's; no marker at all is no decision.
+    The decision is the output's last marker, a named ``Action:`` or a ``conclusion:``, since the single agent ends
+    with it; earlier ones belong to the rationale (ToolBench's thoughts say ``Action:`` before a give-up). An
+    answer opening with ``give up`` is the give-up decision, as the reference reads it. The call is read by
+    :func:`parse_caller`, so its errors are the caller's; no marker at all is no decision.
     """
     stripped = text.strip()
     if not stripped:
         return BackboneOutput(text="", rationale="", decision=None, error=ParseError.EMPTY)
-    markers = [m for m in (_ACTION_RE.search(stripped), _CONCLUSION_RE.search(stripped)) if m is not None]
+    named_actions = [m for m in _ACTION_RE.finditer(stripped) if m.group(1).strip()]
+    markers = named_actions + list(_CONCLUSION_RE.finditer(stripped))
     if not markers:
         return BackboneOutput(text=stripped, rationale=stripped, decision=None, error=ParseError.NO_DECISION)
-    first = min(markers, key=lambda m: m.start())
-    rationale = stripped[: first.start()].strip()
-    if first.re is _ACTION_RE:
-        call = parse_caller(stripped[first.start() :])
+    last = max(markers, key=lambda m: m.start())
+    rationale = stripped[: last.start()].strip()
+    if last.re is _ACTION_RE:
+        call = parse_caller(stripped[last.start() :])
         return BackboneOutput(stripped, rationale, Decision.CALL, call=call, error=call.error)
-    answer = stripped[first.end() :].strip()
+    answer = stripped[last.end() :].strip()
     if _GIVE_UP_RE.match(answer):
         return BackboneOutput(stripped, rationale, Decision.GIVE_UP)
     return BackboneOutput(stripped, rationale, Decision.CONCLUSION, answer=answer, error=None if answer else ParseError.EMPTY)
