@@ -111,3 +111,9 @@ def test_a_running_worker_serves_a_newly_promoted_version(
     served = [[s.model_version for s in client.get(v.id, detail=True).steps if s.kind == "planner"] for v in (before, after)]
     assert served[0] and served[0][0].startswith(TINY_SMOLLM2)
     assert served[1] and set(served[1]) == {version_id}
+
+
+def test_gate_does_not_count_a_metric_the_dev_set_cannot_measure() -> None:
+    ok, reason = registry.gate("summarizer", {"rouge_l": None}, {"rouge_l": None}, margin=0.0)
+    assert ok and "no dev steps to measure rouge_l" in reason
+    assert not registry.gate("summarizer", {"rouge_l": None}, {"rouge_l": 10.0}, margin=0.0)[0]

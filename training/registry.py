@@ -89,12 +89,22 @@ def versions(engine: sa.Engine, role: str | None = None) -> list[ModelVersion]:
         return list(session.exec(query).all())
 
 
-def gate(role: str, candidate: Mapping[str, float], baseline: Mapping[str, float], margin: float) -> tuple[bool, str]:
-    """A candidate passes when none of its role's metrics is worse than the serving model's by more than ``margin``."""
-    worse = []
+def gate(
+    role: str, candidate: Mapping[str, float | None], baseline: Mapping[str, float | None], margin: float
+) -> tuple[bool, str]:
+    """A candidate passes when none of its role's metrics is worse than the serving model's by more than ``margin``.
+
+    A metric the dev set cannot measure for either model (no such steps: None) is not evidence either way.
+    """
+    worse, unmeasured = [], []
     for name in ROLE_METRICS[role]:
         if name not in candidate or name not in baseline:
             return False, f"metric {name} missing (candidate has {sorted(candidate)}, baseline {sorted(baseline)})"
+        if candidate[name] is None and baseline[name] is None:
+            unmeasured.append(name)
+            continue
+        if candidate[name] is None or baseline[name] is None:
+            return False, f"metric {name} measured for only one of candidate and serving model"
         delta = candidate[name] - baseline[name]
         if name in LOWER_IS_BETTER:
             delta = -delta
@@ -102,7 +112,10 @@ def gate(role: str, candidate: Mapping[str, float], baseline: Mapping[str, float
             worse.append(f"{name} {candidate[name]:.2f} vs {baseline[name]:.2f}")
     if worse:
         return False, f"worse than the serving model beyond a margin of {margin:g}: " + "; ".join(worse)
-    summary = ", ".join(f"{n} {candidate[n]:.2f} (serving {baseline[n]:.2f})" for n in ROLE_METRICS[role])
+    measured = [n for n in ROLE_METRICS[role] if n not in unmeasured]
+    summary = ", ".join(f"{n} {candidate[n]:.2f} (serving {baseline[n]:.2f})" for n in measured)
+    if unmeasured:
+        summary += f"; no dev steps to measure {', '.join(unmeasured)}"
     return True, f"not worse than the serving model within {margin:g}: {summary}"
 
 
