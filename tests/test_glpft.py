@@ -38,7 +38,9 @@ from workers.backends.models import TINY_SMOLLM2, model_version, resolve_model
 from workers.backends.prompting import encode_prompt
 
 TOOLS = [
-    ToolSpec("add", "Add two numbers.", {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}),
+    ToolSpec(
+        "add", "Add two numbers.", {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}
+    ),
     ToolSpec("echo", "Return the text.", {"type": "object", "properties": {"text": {"type": "string"}}}),
 ]
 CALL = format_call("add", {"a": 2, "b": 3})
@@ -70,12 +72,21 @@ def samples_by_role(compat: bool) -> dict[str, list[dict[str, Any]]]:
     done = [*observed, Message(Speaker.PLANNER, format_planner("The sum is known.", Decision.CONCLUSION))]
     return {
         "backbone": [
-            {"prompt": render_backbone(TOOLS, asked, compat=compat), "target": format_backbone_target(THOUGHT, call=CALL)},
-            {"prompt": render_backbone(TOOLS, observed, compat=compat), "target": format_backbone_target("Done.", answer="5")},
+            {
+                "prompt": render_backbone(TOOLS, asked, compat=compat),
+                "target": format_backbone_target(THOUGHT, call=CALL),
+            },
+            {
+                "prompt": render_backbone(TOOLS, observed, compat=compat),
+                "target": format_backbone_target("Done.", answer="5"),
+            },
         ],
         "planner": [
             {"prompt": render_planner(TOOLS, asked, compat=compat), "target": format_planner(THOUGHT, Decision.CALL)},
-            {"prompt": render_planner(TOOLS, observed, compat=compat), "target": format_planner("Done.", Decision.CONCLUSION)},
+            {
+                "prompt": render_planner(TOOLS, observed, compat=compat),
+                "target": format_planner("Done.", Decision.CONCLUSION),
+            },
         ],
         "caller": [{"prompt": render_caller(TOOLS, planned, THOUGHT, compat=compat), "target": CALL}],
         "summarizer": [{"prompt": render_summarizer(done, compat=compat), "target": "2 + 3 is 5."}],
@@ -126,7 +137,9 @@ def test_labels_are_exactly_the_target_and_eos(tokenizer: PreTrainedTokenizerBas
 def test_collator_masks_padding_but_not_eos(tokenizer: PreTrainedTokenizerBase) -> None:
     """SmolLM2 pads with its EOS id: padding must be masked by position, never by token id."""
     role = samples_by_role(False)
-    long, short = (encode_sample(tokenizer, s["prompt"], s["target"], 4096) for s in (role["planner"][1], role["summarizer"][0]))
+    long, short = (
+        encode_sample(tokenizer, s["prompt"], s["target"], 4096) for s in (role["planner"][1], role["summarizer"][0])
+    )
     assert long is not None and short is not None and len(long["input_ids"]) != len(short["input_ids"])
     batch = TargetCollator(pad_id=tokenizer.eos_token_id, pad_to_multiple_of=8)([long, short])
     width = batch["input_ids"].shape[1]
@@ -161,7 +174,9 @@ def cycle(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[GLPFTCo
     return config, root, run_glpft(config, samples_by_role(False), root)
 
 
-def test_every_stage_serves_from_its_folder(cycle: tuple[GLPFTConfig, Path, dict[str, StageResult]], cache: Path) -> None:
+def test_every_stage_serves_from_its_folder(
+    cycle: tuple[GLPFTConfig, Path, dict[str, StageResult]], cache: Path
+) -> None:
     _, _, results = cycle
     assert list(results) == list(STAGES)
     prompt = samples_by_role(False)["planner"][0]["prompt"]
@@ -178,7 +193,7 @@ def test_every_stage_serves_from_its_folder(cycle: tuple[GLPFTConfig, Path, dict
 def test_local_stages_start_from_the_global_checkpoint(
     cycle: tuple[GLPFTConfig, Path, dict[str, StageResult]], tiny: Path
 ) -> None:
-    config, _, results = cycle
+    _, _, results = cycle
     assert results["global"].parent == str(tiny)
     assert all(results[s].parent == results["global"].model_path for s in STAGES[1:])
     trained = weights(results["global"].model_path)
@@ -212,7 +227,9 @@ def test_lora_serves_a_merged_model_and_keeps_its_adapter(tiny: Path, cache: Pat
 
 
 def test_training_a_tiny_set_lowers_its_loss(tiny: Path, tmp_path: Path) -> None:
-    fast = StageConfig(learning_rate=1e-2, warmup_ratio=0.0, scheduler="constant", per_device_batch_size=2, grad_accumulation=1)
+    fast = StageConfig(
+        learning_rate=1e-2, warmup_ratio=0.0, scheduler="constant", per_device_batch_size=2, grad_accumulation=1
+    )
     config = small_config(tiny, global_stage=fast, max_steps=12)
     result = run_stage(config, "global", tiny, samples_by_role(False)["backbone"], tmp_path / "global")
     losses = [entry["loss"] for entry in result.loss_history]
@@ -236,7 +253,9 @@ def test_a_killed_stage_resumes_from_its_last_checkpoint(tiny: Path, tmp_path: P
     config = small_config(tiny, max_steps=steps, save_steps=1)
     samples = samples_by_role(False)["backbone"]
     job = {"config": config.to_dict(), "base": str(tiny), "samples": samples, "out": str(out)}
-    worker = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, json.dumps(job)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 90
         while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")) and worker.poll() is None:

@@ -17,9 +17,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from orchestrator.protocol import Prompt
 from workers.backends.base import GenerationRequest, GenerationResult
 from workers.backends.models import model_version, resolve_model
+from workers.backends.prompting import encode_prompt
 
 __all__ = ["LocalBackend"]
 
@@ -67,8 +67,13 @@ class _RowStops(StoppingCriteria):
 class LocalBackend:
     """Serves one model from this process; loading happens once, here, because it is the slow part (seconds)."""
 
-    def __init__(self, model: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, model: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto", threads: int | None = None
+    ) -> None:
         started = time.perf_counter()
+        if threads is not None:
+            # Process-wide: several model workers sharing few cores each get a share instead of all fighting for all.
+            torch.set_num_threads(threads)
         path = resolve_model(model, Path(cache_dir))
         self.device = _pick_device(device)
         self.model_version = model_version(path)
@@ -105,20 +110,13 @@ class LocalBackend:
         room = self._context - request.max_new_tokens
         if request.max_new_tokens < 1 or room < 1:
             raise ValueError(f"max_new_tokens must be 1 to {self._context - 1} in a {self._context}-token context")
-        ids = self._encode(request.prompt)
+        ids = encode_prompt(self._tokenizer, request.prompt)
         if not ids:
             raise ValueError("the prompt has no tokens")
         if len(ids) > room:
             log.info("prompt.truncated", tokens=len(ids), kept=room)
             ids = ids[-room:]
         return _Job(index, request, ids)
-
-    def _encode(self, prompt: Prompt) -> list[int]:
-        """Chat templates write their own special tokens; plain text gets only what the tokenizer adds by default."""
-        if isinstance(prompt, str):
-            return list(self._tokenizer(prompt)["input_ids"])
-        text = self._tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _generate_group(self, jobs: list[_Job]) -> list[GenerationResult]:
         """If the batch fails (out of memory, one bad request) each request is retried alone: only the culprit fails."""
