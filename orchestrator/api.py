@@ -1,7 +1,8 @@
 """The HTTP API: how backend services in any process or language enqueue agent tasks and read their progress.
 
-A thin layer over :mod:`orchestrator.views` and the engine: it validates, sizes and scopes requests, and maps the
-engine's errors to status codes with ``{"detail": ...}`` bodies. Request bodies and headers are never logged.
+A thin layer over :mod:`orchestrator.views` and the engine: it authenticates (:mod:`orchestrator.auth`), rate-limits,
+validates, sizes and scopes requests, and maps the engine's errors to status codes with ``{"detail": ...}`` bodies.
+Request bodies and headers are never logged.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from orchestrator import queues, store, views
+from orchestrator import auth, monitoring, queues, store, views
 from orchestrator import engine as engine_ops
 from orchestrator.engine import NotFound, TooManyTurns, UnknownToolSet
 from orchestrator.schemas import FeedbackSpec, StepView, TaskSpec, TaskView, TurnSpec
@@ -130,9 +132,49 @@ async def _no_receive() -> ASGIMessage:
 # ---------------------------------------------------------------------------------------------------- dependencies
 
 
-def request_owner() -> str | None:
-    """Whose tasks a request may see; ``None`` (everyone's) until API keys replace this dependency."""
-    return None
+_bearer = HTTPBearer(auto_error=False, description="An API key from `umiq keys create`, as a bearer token.")
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from `umiq keys create`.")
+
+
+def _unauthorized(reason: str, *, presented: bool) -> HTTPException:
+    """RFC 6750: a challenge naming the realm, with ``invalid_token`` only when a key was presented."""
+    challenge = 'Bearer realm="umiq"' + (', error="invalid_token"' if presented else "")
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=reason, headers={"WWW-Authenticate": challenge})
+
+
+def request_owner(
+    request: Request,
+    response: Response,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_key_header)],
+) -> str | None:
+    """Whose tasks a request may see: its API key's owner, or ``None`` (every task) with UMIQ_API_AUTH=off.
+
+    A missing, unknown or revoked key is a 401 and a key over its rate limit a 429, before the route runs. The key
+    itself is never logged.
+    """
+    settings: Settings = request.app.state.settings
+    if not settings.api_auth:
+        return None
+    presented = {key for key in (bearer.credentials if bearer else None, header_key) if key}
+    if len(presented) > 1:
+        raise _unauthorized("the Authorization and X-API-Key headers carry different keys", presented=True)
+    try:
+        key = auth.authenticate(request.app.state.engine, next(iter(presented), None))
+    except auth.AuthError as exc:
+        log.info("api.unauthorized", reason=exc.reason, path=request.url.path)
+        raise _unauthorized(exc.reason, presented=bool(presented)) from None
+    limit = settings.api_rate_limit_per_min if key.rate_limit_per_min is None else key.rate_limit_per_min
+    if limit:
+        verdict = request.app.state.rate_limiter.hit(key.hash, limit)
+        if not verdict.allowed:
+            log.info("api.rate_limited", key_id=key.id, limit=limit, retry_after_s=verdict.retry_after_s)
+            detail = f"rate limit of {limit} requests per minute exceeded; retry in {verdict.retry_after_s} s"
+            headers = {"Retry-After": str(verdict.retry_after_s)}
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=detail, headers=headers)
+        response.headers["X-RateLimit-Limit"] = str(limit)
+        response.headers["X-RateLimit-Remaining"] = str(verdict.remaining)
+    return key.owner
 
 
 def _settings(request: Request) -> Settings:
@@ -174,6 +216,13 @@ def _unknown_tool_set(_request: Request, exc: UnknownToolSet) -> JSONResponse:
 
 def _too_many_turns(_request: Request, exc: TooManyTurns) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _unstorable_value(_request: Request, exc: sa.exc.DataError) -> JSONResponse:
+    """Postgres refuses some values a request can carry (a NUL character in text or JSON): the request's fault, a 422."""
+    log.warning("api.unstorable_value", error=type(exc.orig).__name__)
+    detail = "the request holds a value the store cannot keep (such as a NUL character)"
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 def _store_unavailable(_request: Request, exc: sa.exc.OperationalError) -> JSONResponse:
@@ -259,6 +308,15 @@ def healthz(db: DB) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+@router.get("/metrics", tags=["ops"], response_class=Response)
+def metrics(db: DB, settings: Config) -> Response:
+    """Prometheus metrics from the broker and the store: queue depth per pool; latency, tokens/s, batch size per role.
+
+    Aggregates only, no task content, so no API key and no owner scoping: scrapers have no key (serve it inside).
+    """
+    return Response(monitoring.render(db, settings), media_type=monitoring.CONTENT_TYPE)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings``; the store is migrated when the app starts, not when it is built."""
     settings = settings or get_settings()
@@ -268,7 +326,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         store.migrate(url)
-        log.info("api.started", embedded=settings.embedded, max_body_bytes=settings.api_max_body_bytes)
+        log.info("api.started", embedded=settings.embedded, max_body_bytes=settings.api_max_body_bytes, auth=settings.api_auth)
+        if not settings.api_auth:
+            log.warning("api.auth_off", detail="UMIQ_API_AUTH is off: no API key needed, every task visible to every caller")
         yield
 
     app = FastAPI(
@@ -279,11 +339,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = store.get_engine(url)
+    app.state.rate_limiter = auth.rate_limiter(settings)
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(UnknownToolSet, _unknown_tool_set)
     app.add_exception_handler(TooManyTurns, _too_many_turns)
     app.add_exception_handler(sa.exc.OperationalError, _store_unavailable)
+    app.add_exception_handler(sa.exc.DataError, _unstorable_value)
     app.include_router(router)
     return app

@@ -6,9 +6,13 @@ The CLI is the one place that imports the orchestrator, the workers and training
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import sqlalchemy.exc
+import structlog
 import typer
 from rich.console import Console
 
@@ -23,14 +27,34 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 models_app = typer.Typer(help="The model registry: versions, promotion, rollback.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(help="API keys of the HTTP API: create (shown once), list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 POOLS = ("planner", "caller", "summarizer", "tools", "orchestrator", "training")
 MODEL_POOLS = ("planner", "caller", "summarizer", "training")
+ROLE_POOLS = ("planner", "caller", "summarizer")
+
+
+def _when_store_answers(action: Callable[[], object], doing: str) -> None:
+    """Start-up work that needs the store waits out an outage with backoff, so a pool restarted during one comes up."""
+    delay_s = 1.0
+    while True:
+        try:
+            action()
+            return
+        except sqlalchemy.exc.OperationalError as exc:
+            log = structlog.get_logger("umiq.cli")
+            log.warning("store.unavailable", doing=doing, retry_in_s=delay_s, error=type(exc.orig).__name__)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 30.0)
 
 
 def _celery_argv(pool: str, concurrency: int, loglevel: str) -> list[str]:
-    if pool in MODEL_POOLS:
+    """Role pools take one task thread per batch slot (the threads share the process's one model and batcher)."""
+    if pool in ROLE_POOLS:
+        execution = ["--pool", "threads", "--concurrency", str(get_settings().role(pool).batch_size)]
+    elif pool in MODEL_POOLS:
         execution = ["--pool", "solo"]
     elif pool == "orchestrator":
         execution = ["--pool", "threads", "--concurrency", str(concurrency)]
@@ -71,17 +95,18 @@ def worker(
     elif pool == "training":
         import training.tasks  # noqa: F401  (registers the training cycle task)
 
-        migrate(settings.resolved_database_url)
+        _when_store_answers(lambda: migrate(settings.resolved_database_url), "migrate")
     elif pool == "tools":
         from workers.tools import tasks as tool_tasks
 
         tool_tasks.load_tool_modules(settings)
-        migrate(settings.resolved_database_url)
-        tool_tasks.publish_catalog(get_engine(settings.resolved_database_url))
+        _when_store_answers(lambda: migrate(settings.resolved_database_url), "migrate")
+        catalog = get_engine(settings.resolved_database_url)
+        _when_store_answers(lambda: tool_tasks.publish_catalog(catalog), "publish the tool catalogue")
     else:
         import orchestrator.tasks  # noqa: F401  (registers the orchestrator's tasks)
 
-        migrate(settings.resolved_database_url)
+        _when_store_answers(lambda: migrate(settings.resolved_database_url), "migrate")
     celery_app.worker_main(_celery_argv(pool, concurrency, loglevel))
 
 
@@ -100,28 +125,61 @@ def api(
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
 
 
+@app.command("serve-model")
+def serve_model(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="NAME=MODEL, or MODEL served under its own name; repeat for several.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    api_key: Annotated[str | None, typer.Option(envvar="UMIQ_SERVE_API_KEY", help="Bearer token clients must send (set it in the environment).")] = None,
+) -> None:
+    """Serve local models over an OpenAI-compatible API, for the remote backend where there is no vLLM."""
+    import uvicorn
+
+    from workers.backends.openai_server import create_app, load_models, parse_served
+
+    settings = get_settings()
+    setup_logging(settings)
+    try:
+        served = parse_served(model)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    backends = load_models(served, cache_dir=settings.resolved_model_cache, device=device)
+    uvicorn.run(create_app(backends, api_key=api_key), host=host, port=port, log_config=None)
+
+
 @app.command()
 def sweeper(
     interval: Annotated[float | None, typer.Option(help="Seconds between sweeps; default UMIQ_SWEEP_INTERVAL_S.")] = None,
 ) -> None:
     """Re-send steps whose queue message was lost (run exactly one per deployment)."""
-    import time
-
-    import structlog
-
     from orchestrator.engine import sweep
 
     settings = get_settings()
     setup_logging(settings)
-    migrate(settings.resolved_database_url)
+    _when_store_answers(lambda: migrate(settings.resolved_database_url), "migrate")
     engine = get_engine(settings.resolved_database_url)
     log = structlog.get_logger("umiq.sweeper")
+    after_s = settings.resolved_sweep_after_s
+    down_since: float | None = None
+    outage_s = outage_counts_until = 0.0
     while True:
+        now = time.monotonic()
+        if down_since is not None:
+            # Results that came in during a database outage are still being retried into the store once it is back:
+            # for a while, a step's wait through the outage does not count towards UMIQ_SWEEP_AFTER_S.
+            outage_s = now - down_since
+            outage_counts_until = now + after_s + outage_s
+        older_than_s = after_s + (outage_s if now < outage_counts_until else 0.0)
         try:
-            resent = sweep(engine, settings)
+            resent = sweep(engine, settings, older_than_s=older_than_s)
         except Exception as exc:  # a database outage must not end the sweeper; it retries next round
+            down_since = down_since or now
             log.warning("sweep.failed", error=repr(exc))
         else:
+            if down_since is not None:
+                down_since = None
+                log.info("sweep.store_back", outage_s=round(outage_s, 1))
             log.info("sweep.done", resent=resent)
         time.sleep(interval or settings.sweep_interval_s)
 
@@ -245,6 +303,59 @@ def models_rollback(role: Annotated[str, typer.Argument(help="planner | caller |
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     console.print(f"{role} now serves {restored.id if restored else settings.role(role).base_model + ' (base model)'}")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. the calling service.")],
+    owner: Annotated[str | None, typer.Option(help="Whose tasks the key sees; keys of one owner share them. Default: the name.")] = None,
+    rate_limit: Annotated[int | None, typer.Option(help="Requests per minute; default UMIQ_API_RATE_LIMIT_PER_MIN, 0 for none.", min=0)] = None,
+) -> None:
+    """Create a key and print it once on stdout: only its hash is stored, so it can never be shown again."""
+    from orchestrator import auth
+
+    settings = get_settings()
+    setup_logging(settings)  # logs go to stderr, so `KEY=$(umiq keys create ...)` captures the key alone
+    migrate(settings.resolved_database_url)
+    try:
+        key, token = auth.create_key(get_engine(settings.resolved_database_url), name, owner=owner, rate_limit_per_min=rate_limit)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    Console(stderr=True).print(f"key {key.id} ({key.name}, owner {key.owner}, {key.prefix}…): store it now, it is not shown again")
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key with its owner, display prefix and state; never the key or its hash."""
+    from rich.table import Table
+
+    from orchestrator import auth
+
+    settings = get_settings()
+    table = Table(title="API keys")
+    for column in ("id", "name", "owner", "prefix", "rate limit/min", "created", "revoked"):
+        table.add_column(column, no_wrap=column in ("id", "prefix"))
+    for key in auth.list_keys(get_engine(settings.resolved_database_url)):
+        limit = "default" if key.rate_limit_per_min is None else str(key.rate_limit_per_min or "none")
+        revoked = f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-"
+        table.add_row(str(key.id), key.name, key.owner, f"{key.prefix}…", limit, f"{key.created_at:%Y-%m-%d %H:%M}", revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id, as `umiq keys list` shows it.")]) -> None:
+    """Refuse the key from the next request on; the tasks it created stay, visible to the owner's other keys."""
+    from orchestrator import auth
+
+    settings = get_settings()
+    setup_logging(settings)
+    try:
+        key = auth.revoke_key(get_engine(settings.resolved_database_url), key_id)
+    except LookupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"key {key.id} ({key.name}, {key.prefix}…) revoked")
 
 
 @db_app.command("upgrade")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlmodel import Session, func, select
+from sqlmodel import Session, select
 
 from orchestrator import machine, protocol
 from orchestrator.logs import bind_step
@@ -62,19 +62,35 @@ def _check_turns(count: int, settings: Settings) -> None:
 
 @dataclass(frozen=True)
 class Outbound:
-    """A message to publish once the transaction that created its step has committed."""
+    """A message to publish once the transaction that created its step has committed.
+
+    ``expires_s`` is the broker's visibility timeout: a copy Redis hands out again after its worker died is older than
+    that, and by then the sweeper has re-sent the step, so the worker drops the copy instead of running a step that
+    may have killed its worker (or been dead-lettered) once more.
+    """
 
     task_name: str
     kwargs: dict[str, Any]
+    expires_s: float | None = None
 
 
-def publish(messages: Sequence[Outbound]) -> None:
-    """Send after commit; a failure here leaves the step queued in the store, where the sweeper finds it."""
+def publish(messages: Sequence[Outbound], engine: sa.Engine | None = None) -> None:
+    """Send after commit. A step the broker refused keeps no dispatch time, so the sweeper re-sends it next round."""
+    unsent: list[int] = []
     for message in messages:
         try:
-            app.send_task(message.task_name, kwargs=message.kwargs)
+            app.send_task(message.task_name, kwargs=message.kwargs, expires=message.expires_s)
         except Exception as exc:  # broker down: the sweeper re-sends from the store
             log.warning("step.publish_failed", step_id=message.kwargs.get("step_id"), error=repr(exc))
+            unsent.append(message.kwargs["step_id"])
+    if unsent and engine is not None:
+        try:
+            with session_scope(engine) as session:
+                session.execute(
+                    sa.update(Step).where(Step.id.in_(unsent), Step.status == StepStatus.QUEUED).values(dispatched_at=None)
+                )
+        except Exception as exc:  # the database is down too: the sweeper still finds these steps by their age
+            log.warning("step.unsent_not_recorded", step_ids=unsent, error=repr(exc))
 
 
 # ----------------------------------------------------------------------------------------------------------- submit
@@ -108,9 +124,10 @@ def submit(engine: sa.Engine, spec: TaskSpec, settings: Settings, *, owner: str 
         trajectory = Trajectory(task_id=task.id, tool_specs=specs)
         session.add(trajectory)
         session.flush()
-        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, spec.turns[0])])
-        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
-    publish([outbound])
+        transcript: list[protocol.Message] = []
+        _add_messages(session, trajectory, transcript, [protocol.Message(protocol.Speaker.USER, spec.turns[0])])
+        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings, transcript)
+    publish([outbound], engine)
     log.info("task.submitted", task_id=task.id, trajectory_id=trajectory.id, turns=len(spec.turns), tools=spec.tools)
     return task
 
@@ -136,9 +153,10 @@ def append_turn(engine: sa.Engine, task_id: str, text: str, settings: Settings, 
         trajectory.finished_at = None
         trajectory.turn += 1
         trajectory.turn_planner_steps = 0
-        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, task.turns[trajectory.turn])])
-        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings)
-    publish([outbound])
+        transcript = history(session, trajectory.id)
+        _add_messages(session, trajectory, transcript, [protocol.Message(protocol.Speaker.USER, task.turns[trajectory.turn])])
+        outbound = _create_step(session, task, trajectory, StepKind.PLANNER, {}, settings, transcript)
+    publish([outbound], engine)
     return task
 
 
@@ -167,30 +185,47 @@ def _latest_trajectory(session: Session, task_id: str, *, lock: bool = False) ->
 
 
 def _add_messages(
-    session: Session, trajectory: Trajectory, messages: Sequence[protocol.Message], step_id: int | None = None
+    session: Session,
+    trajectory: Trajectory,
+    transcript: list[protocol.Message],
+    messages: Sequence[protocol.Message],
+    step_id: int | None = None,
 ) -> None:
-    seq = session.exec(select(func.count()).select_from(Message).where(Message.trajectory_id == trajectory.id)).one()
-    for offset, message in enumerate(messages):
+    """Append to the trajectory's history; ``transcript`` is that history as loaded in this transaction.
+
+    Its length is the next message's seq and it is kept up to date, so the hot path neither counts nor re-reads rows
+    (the trajectory row is locked, so nobody else appends meanwhile). The rows are written with the next flush.
+    """
+    for message in messages:
         session.add(
             Message(
                 trajectory_id=trajectory.id,
-                seq=seq + offset,
+                seq=len(transcript),
                 turn=trajectory.turn,
                 speaker=message.speaker.value,
                 content=message.content,
                 step_id=step_id,
             )
         )
-    session.flush()
+        transcript.append(message)
 
 
 def history(session: Session, trajectory_id: str) -> list[protocol.Message]:
-    rows = session.exec(select(Message).where(Message.trajectory_id == trajectory_id).order_by(Message.seq)).all()
-    return [protocol.Message(protocol.Speaker(row.speaker), row.content) for row in rows]
+    """The trajectory's messages in order; two columns, not whole rows, since this runs for every result."""
+    rows = session.exec(
+        select(Message.speaker, Message.content).where(Message.trajectory_id == trajectory_id).order_by(Message.seq)
+    ).all()
+    return [protocol.Message(protocol.Speaker(speaker), content) for speaker, content in rows]
 
 
 def _create_step(
-    session: Session, task: Task, trajectory: Trajectory, kind: StepKind, request: dict[str, Any], settings: Settings
+    session: Session,
+    task: Task,
+    trajectory: Trajectory,
+    kind: StepKind,
+    request: dict[str, Any],
+    settings: Settings,
+    transcript: list[protocol.Message],
 ) -> Outbound:
     step = Step(
         trajectory_id=trajectory.id,
@@ -207,27 +242,44 @@ def _create_step(
     trajectory.updated_at = utcnow()
     session.add(step)
     session.add(trajectory)
-    session.flush()
-    return _dispatch(session, task, trajectory, step, settings)
+    return _dispatch(session, task, trajectory, step, settings, transcript)
 
 
-def _dispatch(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> Outbound:
-    """Build the message for a step from the stored state; the same function re-sends a step the broker lost."""
+def _dispatch(
+    session: Session,
+    task: Task,
+    trajectory: Trajectory,
+    step: Step,
+    settings: Settings,
+    transcript: list[protocol.Message] | None = None,
+) -> Outbound:
+    """Build the message for a step from the stored state; the same function re-sends a step the broker lost.
+
+    One flush writes everything pending (a new step is inserted with its dispatch time, which gives it its id).
+    """
     step.dispatched_at = utcnow()
     session.add(step)
+    session.flush()
     base = {"step_id": step.id, "attempt": step.attempt, "trajectory_id": trajectory.id, "turn": step.turn, "seq": step.seq}
+    expires = app.conf.broker_transport_options.get("visibility_timeout")
     if step.kind == StepKind.TOOL:
-        return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(session, task, trajectory, step, settings)})
+        return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(session, task, trajectory, step, settings)}, expires)
     role = ModelRole(step.kind)
-    return Outbound(generate_task_name(role.value), {**base, **_model_payload(session, trajectory, step, role, settings)})
+    payload = {**base, **_model_payload(session, trajectory, step, role, settings, transcript)}
+    return Outbound(generate_task_name(role.value), payload, expires)
 
 
 def _model_payload(
-    session: Session, trajectory: Trajectory, step: Step, role: ModelRole, settings: Settings
+    session: Session,
+    trajectory: Trajectory,
+    step: Step,
+    role: ModelRole,
+    settings: Settings,
+    transcript: list[protocol.Message] | None,
 ) -> dict[str, Any]:
     compat = settings.prompt_mode == "compat"
     tools = [ToolSpec.from_dict(spec) for spec in trajectory.tool_specs]
-    messages = history(session, trajectory.id)
+    messages = transcript if transcript is not None else history(session, trajectory.id)
     chars = settings.doc_description_chars
     if role is ModelRole.PLANNER:
         prompt = protocol.render_planner(tools, messages, compat=compat, description_chars=chars)
@@ -276,6 +328,7 @@ def _record(step: Step, result: dict[str, Any]) -> None:
     step.tokens_in = result.get("tokens_in")
     step.tokens_out = result.get("tokens_out")
     step.latency_ms = result.get("latency_ms")
+    step.batch_size = result.get("batch_size")
     step.model_version = result.get("model_version")
     step.worker = result.get("worker")
     step.finished_at = utcnow()
@@ -307,27 +360,34 @@ def _transition(session: Session, task: Task, trajectory: Trajectory, step: Step
 def _apply(
     session: Session, task: Task, trajectory: Trajectory, step: Step, result: dict[str, Any], settings: Settings
 ) -> list[Outbound]:
+    """Store the step's outcome and create the next step; statements are batched into as few flushes as possible."""
     transition = _transition(session, task, trajectory, step, settings)
     session.add(step)
-    _add_messages(session, trajectory, transition.messages, step.id)
+    transcript = history(session, trajectory.id)
+    _add_messages(session, trajectory, transcript, transition.messages, step.id)
     if step.kind == StepKind.TOOL:
-        call = session.exec(select(ToolCall).where(ToolCall.tool_step_id == step.id)).one()
-        call.observation = step.raw_text
-        call.error = result.get("error")
-        session.add(call)
+        session.execute(
+            sa.update(ToolCall)
+            .where(ToolCall.tool_step_id == step.id)
+            .values(observation=step.raw_text, error=result.get("error"))
+            .execution_options(synchronize_session=False)
+        )
     if transition.outcome is not None:
         trajectory.outcomes = [*trajectory.outcomes, transition.outcome]
     if transition.next_user is not None:
         trajectory.turn += 1
         trajectory.turn_planner_steps = 0
-        _add_messages(session, trajectory, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
+        _add_messages(session, trajectory, transcript, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
+    trajectory.updated_at = utcnow()  # before the next step's flush, which then writes the trajectory once
     outbound: list[Outbound] = []
     if transition.finish is not None:
         trajectory.status = transition.finish
         trajectory.failure = transition.failure
         trajectory.finished_at = utcnow()
     elif transition.next_kind is not None:
-        outbound.append(_create_step(session, task, trajectory, transition.next_kind, transition.next_request, settings))
+        outbound.append(
+            _create_step(session, task, trajectory, transition.next_kind, transition.next_request, settings, transcript)
+        )
     if transition.call is not None:
         tool, arguments = transition.call
         tool_step_id = outbound[0].kwargs["step_id"] if transition.next_kind == StepKind.TOOL else None
@@ -344,7 +404,6 @@ def _apply(
                 observation=observation,
             )
         )
-    trajectory.updated_at = utcnow()
     session.add(trajectory)
     return outbound
 
@@ -370,16 +429,22 @@ def _fail_step(session: Session, task: Task, trajectory: Trajectory, step: Step,
 def handle_result(engine: sa.Engine, step_id: int, result: dict[str, Any], settings: Settings) -> None:
     """Apply one pool's result exactly once: the first result for a queued step wins, later copies are ignored."""
     with session_scope(engine) as session:
-        step = session.exec(select(Step).where(Step.id == step_id).with_for_update()).one_or_none()
-        if step is None:
+        # One round trip loads the three rows and locks the step and its trajectory.
+        row = session.exec(
+            select(Step, Trajectory, Task)
+            .join(Trajectory, Trajectory.id == Step.trajectory_id)
+            .join(Task, Task.id == Trajectory.task_id)
+            .where(Step.id == step_id)
+            .with_for_update(of=[Step, Trajectory])
+        ).one_or_none()
+        if row is None:
             log.warning("step.unknown", step_id=step_id)
             return
-        trajectory = session.exec(select(Trajectory).where(Trajectory.id == step.trajectory_id).with_for_update()).one()
+        step, trajectory, task = row
         with bind_step(trajectory.id, step.turn, step.seq, step.kind):
             if step.status != StepStatus.QUEUED or trajectory.status != TrajectoryStatus.RUNNING:
                 log.info("step.duplicate_result", status=step.status)
                 return
-            task = session.get(Task, trajectory.task_id)
             if result.get("error") and step.kind != StepKind.TOOL:
                 outbound = _fail_step(session, task, trajectory, step, str(result["error"]), settings)
             else:
@@ -394,26 +459,101 @@ def handle_result(engine: sa.Engine, step_id: int, result: dict[str, Any], setti
                 next=[o.task_name for o in outbound],
                 trajectory_status=trajectory.status,
             )
-    publish(outbound)
+    publish(outbound, engine)
+
+
+@dataclass(frozen=True)
+class _BrokerView:
+    """What the sweeper reads from the broker; ``None`` where it could not tell (embedded broker, broker down)."""
+
+    started_at: datetime | None
+    waiting: dict[str, int] | None
+
+
+def _broker_view() -> _BrokerView:
+    """How many messages wait per step queue, and when Redis last started if it keeps no journal (append-only file).
+
+    A Redis without a journal forgets every message when it restarts; one with a journal replays them, so its restart
+    loses nothing worth re-sending.
+    """
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            waiting = {kind.value: channel.queue_declare(queue=kind.value).message_count for kind in StepKind}
+            client = getattr(channel, "client", None)
+            info = client.info() if hasattr(client, "info") else {}
+    except Exception as exc:  # broker down: steps are re-sent once it answers again
+        log.warning("sweep.broker_unreadable", error=repr(exc))
+        return _BrokerView(None, None)
+    forgetful = "uptime_in_seconds" in info and not info.get("aof_enabled")
+    return _BrokerView(utcnow() - timedelta(seconds=info["uptime_in_seconds"]) if forgetful else None, waiting)
+
+
+def _not_the_steps_fault(step: Step, broker: _BrokerView) -> str | None:
+    """Why a step's message is gone through no fault of the step, or None when a worker took it and never answered."""
+    if step.dispatched_at is None:
+        return "never reached the broker"
+    if broker.started_at is not None and step.dispatched_at < broker.started_at:
+        return "the broker restarted since it was sent"
+    if broker.waiting is None or broker.waiting.get(step.kind, 0) > 0:
+        return "it may still be waiting in a busy queue"
+    return None
 
 
 def sweep(engine: sa.Engine, settings: Settings, *, older_than_s: float | None = None) -> int:
-    """Re-send every queued step whose message has been out longer than a step may take (a lost message)."""
-    horizon = utcnow() - timedelta(seconds=older_than_s if older_than_s is not None else settings.step_timeout_s)
+    """Re-send every queued step whose message is gone; returns how many were re-sent or dead-lettered.
+
+    A step is re-sent when its message never reached the broker, when the broker restarted after it was sent (Redis
+    without persistence forgets every message), or when no result came within ``UMIQ_SWEEP_AFTER_S``. Only that last
+    case can be the step's own doing, and only if its queue is empty (a worker took the message and never answered:
+    it may have crashed or hung on it): then the re-send counts as an attempt, so a step that keeps killing its worker
+    is dead-lettered. A message that may just be waiting behind others is re-sent without counting.
+
+    A worker that dies takes every step it was running with it, so the steps of one crash come back together; if
+    they die together again, one of them may be the culprit. From then on they go back one at a time per pool (a
+    suspect waits while another suspect of its kind is out), so the culprit dies alone and the rest complete.
+    """
+    older = older_than_s if older_than_s is not None else settings.resolved_sweep_after_s
+    horizon = utcnow() - timedelta(seconds=older)
+    broker = _broker_view()
+    gone = (Step.dispatched_at == None) | (Step.dispatched_at < horizon)  # noqa: E711
+    if broker.started_at is not None:
+        gone = gone | (Step.dispatched_at < broker.started_at)
     outbound: list[Outbound] = []
+    handled = 0
     with session_scope(engine) as session:
         stale = session.exec(
             select(Step)
             .join(Trajectory, Trajectory.id == Step.trajectory_id)
             .where(Step.status == StepStatus.QUEUED, Trajectory.status == TrajectoryStatus.RUNNING)
-            .where((Step.dispatched_at == None) | (Step.dispatched_at < horizon))  # noqa: E711
+            .where(gone)
+            .order_by(Step.dispatched_at)
             .with_for_update(skip_locked=True)
         ).all()
+        suspects_out = set(
+            session.exec(
+                select(Step.kind)
+                .where(Step.status == StepStatus.QUEUED, Step.attempt >= 1, Step.dispatched_at >= horizon)
+                .distinct()
+            ).all()
+        )
         for step in stale:
             trajectory = session.get(Trajectory, step.trajectory_id)
             task = session.get(Task, trajectory.task_id)
             with bind_step(trajectory.id, step.turn, step.seq, step.kind):
-                log.warning("step.resent", attempt=step.attempt + 1)
-                outbound.extend(_fail_step(session, task, trajectory, step, "message lost; re-sent by the sweeper", settings))
-    publish(outbound)
-    return len(stale)
+                reason = _not_the_steps_fault(step, broker)
+                if reason is not None:
+                    log.warning("step.resent", attempt=step.attempt, reason=reason)
+                    outbound.append(_dispatch(session, task, trajectory, step, settings))
+                    handled += 1
+                    continue
+                if step.attempt >= 1 and step.attempt + 1 < settings.max_attempts:
+                    if step.kind in suspects_out:
+                        continue
+                    suspects_out.add(step.kind)
+                log.warning("step.resent", attempt=step.attempt + 1, reason="no result")
+                error = f"no result {older:.0f} s after it was sent (its worker may have died on it); re-sent by the sweeper"
+                outbound.extend(_fail_step(session, task, trajectory, step, error, settings))
+                handled += 1
+    publish(outbound, engine)
+    return handled

@@ -7,25 +7,48 @@ is bound carries it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TextIO
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, TextIO
 
 import structlog
 
+from orchestrator.auth import TOKEN_PREFIX
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["setup_logging", "bind_step", "redact"]
 
-_SECRET_KEYS = {"api_key", "authorization", "x-api-key", "password", "token"}
+_SECRET_KEYS = {"api_key", "authorization", "x-api-key", "x_api_key", "password", "token", "cookie", "secret"}
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s,;'\"]+")
+_API_KEY = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{16,}")
+"""A whole API key; its display prefix (``umiq_`` and 8 characters) is shorter, so ``umiq keys list`` output stays."""
+
+
+def _is_secret(key: object) -> bool:
+    name = key.decode("latin-1") if isinstance(key, bytes) else key
+    return isinstance(name, str) and name.lower() in _SECRET_KEYS
+
+
+def _scrub(value: Any) -> Any:
+    """Secret-named fields and bearer tokens or API keys inside text, at any depth of dicts, lists and tuples."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        return _API_KEY.sub(TOKEN_PREFIX + "***", _BEARER.sub(r"\1***", value))
+    if isinstance(value, Mapping):
+        return {k: "***" if _is_secret(k) else _scrub(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        pairs = [("***" if i == 1 and _is_secret(value[0]) else _scrub(v)) for i, v in enumerate(value)]
+        return pairs if isinstance(value, list) else tuple(pairs)
+    return value
 
 
 def redact(_logger: object, _name: str, event: dict) -> dict:
-    """Never let a secret reach a log line, whatever a caller passed."""
+    """Never let a secret reach a log line, whatever a caller passed: a header dict, a raw ASGI header list, a message."""
     for key in list(event):
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "***"
+        event[key] = "***" if _is_secret(key) else _scrub(event[key])
     return event
 
 

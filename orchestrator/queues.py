@@ -101,8 +101,14 @@ app = Celery("umiq")
 
 
 def configure(settings: Settings | None = None) -> Celery:
-    """(Re)apply settings to the process-wide app; called at import and by tests that change the environment."""
+    """(Re)apply settings to the process-wide app; called at import and by tests that change the environment.
+
+    Celery keeps the connection pool of its first publish, so a changed broker needs that pool dropped too.
+    """
     app.conf.update(celery_config(settings or get_settings()))
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
     return app
 
 

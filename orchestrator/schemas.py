@@ -87,7 +87,7 @@ class StepView(BaseModel):
 
 
 class TaskView(BaseModel):
-    """A task with its trajectory's status, per-turn outcomes, and (on request) messages and steps."""
+    """A task with its trajectory's status, per-turn outcomes, dead letters, and (on request) messages and steps."""
 
     id: str
     trajectory_id: str
@@ -103,3 +103,6 @@ class TaskView(BaseModel):
     finished_at: datetime | None
     messages: list[MessageView] = Field(default_factory=list)
     steps: list[StepView] = Field(default_factory=list)
+    dead_letters: list[StepView] = Field(
+        default_factory=list, description="Steps given up on after UMIQ_MAX_ATTEMPTS deliveries, each with its last error."
+    )

@@ -28,6 +28,8 @@ def _step_line(step: StepView) -> Text:
     ms = f"{step.latency_ms:8.0f} ms" if step.latency_ms is not None else "        – ms"
     tokens = f"in {step.tokens_in or 0:>5} out {step.tokens_out or 0:>4}" if step.kind != "tools" else " " * 18
     line.append(f"{ms}  {tokens}  ", style="dim")
+    if step.status == "dead":
+        line.append(f"[DEAD after {step.attempt + 1} attempts] ", style="bold white on red")
     if step.parse_error:
         line.append(f"[parse error: {step.parse_error}] ", style="bold red")
     if step.error:
@@ -40,6 +42,9 @@ def print_task(console: Console, view: TaskView) -> None:
     """The trajectory turn by turn: each user turn, then every step with its timing, tokens and output."""
     status_style = {"completed": "green", "failed": "red"}.get(view.status, "yellow")
     console.rule(f"task {view.id}  [{status_style}]{view.status}[/{status_style}]  tools: {', '.join(view.tools) or '-'}")
+    for step in view.dead_letters:
+        where = f"step {step.seq} ({step.kind}, turn {step.turn})"
+        console.print(Text(f"dead letter: {where} after {step.attempt + 1} attempts: {_clip(step.error, 300)}", style="bold red"))
     for turn, text in enumerate(view.turns):
         console.print(Text(f"turn {turn} · user: ", style="bold") + Text(_clip(text, 600)))
         for step in (s for s in view.steps if s.turn == turn):

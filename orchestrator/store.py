@@ -33,6 +33,7 @@ __all__ = [
     "Feedback",
     "ModelStatus",
     "ModelVersion",
+    "ApiKey",
     "utcnow",
     "new_id",
     "get_engine",
@@ -155,6 +156,7 @@ class Step(SQLModel, table=True):
     tokens_in: int | None = None
     tokens_out: int | None = None
     latency_ms: float | None = None
+    batch_size: int | None = None  # how many steps the role worker generated in the call this one ran in
     model_version: str | None = Field(default=None, max_length=128)
     worker: str | None = Field(default=None, max_length=128)
     created_at: datetime = _stamp()
@@ -223,6 +225,23 @@ class ModelVersion(SQLModel, table=True):
     reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
     created_at: datetime = _stamp()
     promoted_at: datetime | None = _maybe_stamp()
+
+
+class ApiKey(SQLModel, table=True):
+    """A key of the HTTP API: only its SHA-256 digest is stored (orchestrator.auth), never the key itself.
+
+    ``owner`` scopes what the key sees: the tasks it creates carry it, and it reads only tasks that do, so several
+    keys of one owner (a rotation) share their tasks. ``rate_limit_per_min`` overrides UMIQ_API_RATE_LIMIT_PER_MIN.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    owner: str = Field(index=True, max_length=64)
+    prefix: str = Field(index=True, max_length=16)
+    hash: str = Field(unique=True, max_length=64)
+    rate_limit_per_min: int | None = None
+    created_at: datetime = _stamp()
+    revoked_at: datetime | None = _maybe_stamp()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

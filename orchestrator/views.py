@@ -76,17 +76,20 @@ def _messages(session: Session, trajectory_id: str) -> list[MessageView]:
     return [MessageView.model_validate(row, from_attributes=True) for row in rows]
 
 
-def _steps(session: Session, trajectory_id: str) -> list[StepView]:
-    rows = session.exec(select(Step).where(Step.trajectory_id == trajectory_id).order_by(Step.seq)).all()
-    return [StepView.model_validate(row, from_attributes=True) for row in rows]
+def _steps(session: Session, trajectory_id: str, *, status: StepStatus | None = None) -> list[StepView]:
+    query = select(Step).where(Step.trajectory_id == trajectory_id)
+    if status is not None:
+        query = query.where(Step.status == status)
+    return [StepView.model_validate(row, from_attributes=True) for row in session.exec(query.order_by(Step.seq)).all()]
 
 
 def task_view(session: Session, task_id: str, *, owner: str | None = None, detail: bool = False) -> TaskView:
-    """A task's status; ``detail`` adds its messages and every step. Another owner's task is reported missing."""
+    """A task's status and dead letters; ``detail`` adds its messages and every step. Another owner's task is missing."""
     row = session.exec(_tasks_with_trajectory(owner).where(Task.id == task_id)).first()
     if row is None:
         raise NotFound(task_id)
     view = _view(*row)
+    view.dead_letters = _steps(session, view.trajectory_id, status=StepStatus.DEAD)
     if detail:
         view.messages = _messages(session, view.trajectory_id)
         view.steps = _steps(session, view.trajectory_id)

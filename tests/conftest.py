@@ -2,11 +2,13 @@
 
 Fixtures for other test files: ``pg_url`` (a new, empty database, dropped afterwards), ``redis_url``, ``settings``
 (UMIQ_* environment applied, settings cache and Celery app reconfigured), ``engine`` (migrated), ``catalog`` (a toy
-tool set in the store's catalogue) and ``redis_queues`` (a Redis client; umiq's queues emptied before and after).
+tool set in the store's catalogue), ``redis_queues`` (a Redis client; umiq's queues emptied before and after) and
+``api_key`` (a fresh API key with an owner of its own).
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,13 +20,14 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlmodel import Session
 
-from orchestrator import queues, store
+from orchestrator import auth, queues, store
 from orchestrator.settings import Settings, get_settings
 
 __all__ = ["PG_URL", "REDIS_URL", "TOY_TOOLSET", "TOY_SPECS"]
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = f"redis://127.0.0.1:6379/{os.getpid() % 15 + 1}"
+"""A database index of its own per test session, so two sessions on one machine never consume each other's steps."""
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 REDIS_START = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
 
@@ -121,3 +124,10 @@ def redis_queues(redis_url: str) -> Iterator[redis.Redis]:
     yield client
     client.delete(*queues.QUEUES)
     client.close()
+
+
+@pytest.fixture
+def api_key(engine: sa.Engine) -> str:
+    """A new API key whose owner is unique to the test, so the test sees exactly the tasks it created."""
+    _key, token = auth.create_key(engine, f"test-{uuid.uuid4().hex[:12]}")
+    return token

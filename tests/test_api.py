@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +13,6 @@ import httpx
 import pytest
 import redis
 import sqlalchemy as sa
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
@@ -35,6 +33,7 @@ from orchestrator.store import (
     TrajectoryStatus,
     session_scope,
 )
+from tests.live_server import free_port, serve
 
 __all__: list[str] = []
 
@@ -83,37 +82,23 @@ def app(settings: Settings, engine: sa.Engine) -> FastAPI:
 
 
 @pytest.fixture
-def http(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as client:
+def http(app: FastAPI, api_key: str) -> Iterator[TestClient]:
+    """A client sending a fresh API key on every request: the tests see their own tasks only."""
+    with TestClient(app, headers={"Authorization": f"Bearer {api_key}"}) as client:
         yield client
 
 
 @pytest.fixture
 def small_app(settings: Settings, engine: sa.Engine) -> FastAPI:
-    """An API with a small body limit and turn limit, so the edges are cheap to reach."""
-    return create_app(settings.model_copy(update={"api_max_body_bytes": 4096, "api_max_turns": 2}))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """An API with a small body limit and turn limit, so the edges are cheap to reach (no keys: tests/test_security.py)."""
+    return create_app(settings.model_copy(update={"api_max_body_bytes": 4096, "api_max_turns": 2, "api_auth": False}))
 
 
 @pytest.fixture
 def live_api(small_app: FastAPI) -> Iterator[str]:
     """The small API under a real uvicorn server, for real chunked uploads and the HTTP client."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(small_app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(small_app, log_level="warning") as url:
+        yield url
 
 
 # ----------------------------------------------------------------------------------------------------------- submit
@@ -420,10 +405,11 @@ def test_healthz(http: TestClient) -> None:
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
-def test_store_outage_is_503_json(settings: Settings) -> None:
+def test_store_outage_is_503_json(settings: Settings, api_key: str) -> None:
     """A Postgres that refuses connections (a closed port, not a mock) yields JSON 503s, not tracebacks."""
-    down = settings.model_copy(update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/x"})
-    client = TestClient(create_app(down))  # no lifespan: it would try to migrate the unreachable store
+    down = settings.model_copy(update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"})
+    # no lifespan: it would try to migrate the unreachable store; the key lookup meets the outage first
+    client = TestClient(create_app(down), headers={"X-API-Key": api_key})
     assert client.get("/healthz").status_code == 503
     response = client.get("/v1/tasks/abc")
     assert (response.status_code, response.json()) == (503, {"detail": "the store is unavailable; retry later"})

@@ -32,6 +32,7 @@ from orchestrator.protocol import (
 )
 from training.glpft import IGNORE_INDEX, StageResult, TargetCollator, encode_sample, run_glpft, run_stage
 from training.glpft_config import STAGES, GLPFTConfig, StageConfig
+from training.split import HeldOutError, load_split
 from workers.backends.base import GenerationRequest
 from workers.backends.local import LocalBackend
 from workers.backends.models import TINY_SMOLLM2, model_version, resolve_model
@@ -224,6 +225,16 @@ def test_lora_serves_a_merged_model_and_keeps_its_adapter(tiny: Path, cache: Pat
     backend = LocalBackend(result.model_path, cache_dir=cache, device="cpu")
     [generated] = backend.generate([GenerationRequest("Hello", max_new_tokens=3)])
     assert generated.error is None and generated.tokens_out >= 1
+
+
+def test_config_round_trips_and_held_out_tasks_are_refused(tiny: Path, tmp_path: Path) -> None:
+    """The registry stores ``to_dict()``; a stage refuses dev/test tasks before it loads anything."""
+    config = small_config(tiny, method="lora")
+    assert GLPFTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    sample = {**samples_by_role(False)["planner"][0], "task_id": min(load_split("test"))}
+    with pytest.raises(HeldOutError):
+        run_stage(config, "planner", tiny, [sample], tmp_path / "planner")
+    assert not (tmp_path / "planner").exists()
 
 
 def test_training_a_tiny_set_lowers_its_loss(tiny: Path, tmp_path: Path) -> None:

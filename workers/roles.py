@@ -2,15 +2,18 @@
 
 A role worker is a stateless model server (vLLM's split: the orchestrator decides, the worker runs the model). It
 never reads or writes trajectory state. The model loads once per worker process, in a worker signal, not at
-import.
+import. The pool runs Celery's threads pool: every task thread hands its request to the process's one
+:class:`~workers.batching.Batcher`, which generates the steps that arrive together in one call on the one model.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
+import sqlalchemy.exc
 import structlog
 from sqlmodel import select
 from celery.signals import worker_init, worker_process_init
@@ -22,8 +25,9 @@ from orchestrator.settings import REGISTRY, Settings, get_settings
 from orchestrator.store import ModelStatus, ModelVersion, get_engine, session_scope
 from workers.backends.base import Backend, GenerationRequest
 from workers.backends.factory import load_backend
+from workers.batching import Batcher
 
-__all__ = ["serve_role", "backend"]
+__all__ = ["serve_role", "backend", "batcher"]
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +35,8 @@ _role: ModelRole | None = None
 _backend: Backend | None = None
 _serving: str | None = None
 _checked_at = 0.0
+_batcher: Batcher | None = None
+_batcher_lock = threading.Lock()
 
 
 def serve_role(role: ModelRole) -> None:
@@ -56,11 +62,21 @@ def _wanted_model(settings: Settings, role: ModelRole) -> str:
     if _serving is not None and time.monotonic() - _checked_at < settings.registry_poll_s:
         return _serving
     _checked_at = time.monotonic()
-    return _active_version_path(settings, role) or configured.base_model
+    try:
+        return _active_version_path(settings, role) or configured.base_model
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        if _serving is None:
+            raise
+        # A store outage must not fail the steps this worker can serve: keep the model it has until the registry answers.
+        log.warning("worker.registry_unreachable", serving=_serving, error=type(exc).__name__)
+        return _serving
 
 
 def backend() -> Backend:
-    """The process's loaded model; a newly promoted registry version replaces it between two steps, never during one."""
+    """The process's loaded model; a newly promoted registry version replaces it between two batches, never during one.
+
+    Only the batcher thread calls it once the worker runs (and the worker's start before that), so a swap never races.
+    """
     global _backend, _serving
     if _role is None:
         raise RuntimeError("this process serves no role; start it with `umiq worker planner|caller|summarizer`")
@@ -81,16 +97,35 @@ def backend() -> Backend:
     return _backend
 
 
+def batcher() -> Batcher:
+    """The process's one batcher, shared by every task thread; it asks :func:`backend` for the model before each batch."""
+    global _batcher
+    if _role is None:
+        raise RuntimeError("this process serves no role; start it with `umiq worker planner|caller|summarizer`")
+    with _batcher_lock:
+        if _batcher is None:
+            role_settings = get_settings().role(_role.value)
+            _batcher = Batcher(
+                backend,
+                max_size=role_settings.batch_size,
+                window_s=role_settings.batch_window_ms / 1000,
+                name=f"{_role.value}-batcher",
+            )
+        return _batcher
+
+
 @worker_init.connect
 @worker_process_init.connect
 def _load_on_start(**_: Any) -> None:
     if _role is not None:
         backend()
+        batcher()
 
 
 def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq: int, prompt: Prompt, stop: list[str], **_: Any) -> None:
     with bind_step(trajectory_id, turn, seq, role.value):
-        role_settings = get_settings().role(role.value)
+        settings = get_settings()
+        role_settings = settings.role(role.value)
         request = GenerationRequest(
             prompt=prompt,
             max_new_tokens=role_settings.max_new_tokens,
@@ -98,16 +133,24 @@ def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq:
             stop=[*stop, *role_settings.stop],
         )
         started = time.perf_counter()
-        serving = backend()
-        result = serving.generate([request])[0]
+        batched = batcher().submit(request).result(timeout=settings.step_timeout_s)
+        result = batched.result
         latency_ms = (time.perf_counter() - started) * 1000
-        log.info("step.generated", tokens_in=result.tokens_in, tokens_out=result.tokens_out, latency_ms=round(latency_ms, 1), error=result.error)
+        log.info(
+            "step.generated",
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            latency_ms=round(latency_ms, 1),
+            batch_size=batched.batch_size,
+            error=result.error,
+        )
         payload = {
             "text": result.text,
             "tokens_in": result.tokens_in,
             "tokens_out": result.tokens_out,
             "latency_ms": latency_ms,
-            "model_version": serving.model_version,
+            "model_version": batched.model_version,
+            "batch_size": batched.batch_size,
             "worker": f"{role.value}@{socket.gethostname()}",
             "error": result.error,
         }

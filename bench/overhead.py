@@ -1,0 +1,203 @@
+"""Orchestration overhead: what the queue and the database cost per hop when the models answer instantly.
+
+The three role pools run the scripted backend on ``tests.scripted_roles`` (instant, recorded-style outputs: plan,
+call ``add``, conclude), the tools pool runs the real ``calculator`` tool set, and everything else is production:
+one process per pool (``bench.stack.pools``), its own Redis database as the broker, a fresh Postgres database as the
+store.
+Each trajectory has ``--turns`` user turns of five hops each (planner, caller, tool, planner, summarizer).
+
+A **hop** is one step: the orchestrator dispatches a message to a pool and applies the result that comes back.
+**Hop latency** is ``step.finished_at - step.dispatched_at``, both stamped by the orchestrator: its commit and
+publish, the broker, the pool's receive + work + send, the broker again, and the orchestrator picking up the
+result and locking the trajectory. **Orchestrator CPU per hop** is the orchestrator process's user + system CPU
+time over the phase (psutil) divided by its hops; all pools' CPU per hop is given beside it.
+
+Two phases after a warm-up: ``sequential`` runs one trajectory at a time (latency with no queueing), ``concurrent``
+runs ``--trajectories`` at once (throughput; its latencies include waiting behind the other trajectories).
+Targets on a 2-core machine: at least 200 hops/s and a p50 of at most 5 ms.
+
+Writes ``bench/results/overhead.json`` and prints a table. Usage: ``python -m bench.overhead [--trajectories 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import Session, func, select
+
+from bench.stack import (
+    bench_settings,
+    cpu_seconds,
+    fresh_database,
+    free_redis_db,
+    machine,
+    pools,
+    wait_finished,
+    write_result,
+)
+from orchestrator import engine as engine_ops
+from orchestrator.schemas import TaskSpec
+from orchestrator.settings import Settings
+from orchestrator.store import Step, StepStatus, Trajectory, TrajectoryStatus, get_engine
+from tests.pools import scripted_roles
+
+__all__ = ["main", "run_phase", "percentiles"]
+
+TARGET_HOPS_PER_S = 200.0
+TARGET_P50_MS = 5.0
+ROLES = ("PLANNER", "CALLER", "SUMMARIZER")
+
+
+def main() -> None:
+    """Start the pools on a fresh database, warm up, run both phases, write the JSON, print the table."""
+    args = _arguments()
+    before = machine()
+    with (
+        tempfile.TemporaryDirectory(prefix="umiq-bench-overhead-") as home,
+        fresh_database("umiq_bench_overhead") as url,
+        free_redis_db() as broker,
+    ):
+        settings = bench_settings(url, broker, Path(home))
+        windows = {f"UMIQ_{role}__BATCH_WINDOW_MS": str(args.window_ms) for role in ROLES}
+        with pools(settings, Path(home), {**scripted_roles(), **windows}, orchestrator_threads=args.orchestrator_threads) as procs:
+            pids = {name: proc.pid for name, proc in procs.items()}
+            db = get_engine(url)
+            run_phase(db, settings, pids, "warm-up", trajectories=4, turns=args.turns, at_once=4)
+            phases = [
+                run_phase(db, settings, pids, "sequential", trajectories=args.sequential, turns=args.turns, at_once=1),
+                run_phase(db, settings, pids, "concurrent", trajectories=args.trajectories, turns=args.turns,
+                          at_once=args.trajectories),
+            ]
+    concurrent = phases[1]
+    report = {
+        "benchmark": "overhead",
+        "definition": {
+            "hop": "one step: a message dispatched to a pool and its result applied by the orchestrator",
+            "latency_ms": "step.finished_at - step.dispatched_at (both stamped by the orchestrator)",
+            "pool_ms": "the pool's own time on the step (step.latency_ms, reported by the worker); the rest is queue + db",
+            "orchestrator_cpu_ms_per_hop": "orchestrator process user+system CPU over the phase / hops",
+        },
+        "setup": {
+            "broker": "redis", "store": "postgres (fresh database)", "role_backend": "scripted: tests.scripted_roles",
+            "tools": "calculator", "turns_per_trajectory": args.turns, "hops_per_trajectory": 5 * args.turns,
+            "batch_window_ms": args.window_ms, "pools": sorted(pids), "orchestrator_threads": args.orchestrator_threads,
+        },
+        "machine_before": before,
+        "machine_after": machine(),
+        "phases": phases,
+        "targets": {
+            "hops_per_s": TARGET_HOPS_PER_S,
+            "p50_ms": TARGET_P50_MS,
+            "hops_per_s_met": concurrent["hops_per_s"] >= TARGET_HOPS_PER_S,
+            "p50_met_sequential": phases[0]["latency_ms"]["p50"] <= TARGET_P50_MS,
+            "p50_met_concurrent": concurrent["latency_ms"]["p50"] <= TARGET_P50_MS,
+        },
+    }
+    write_result("overhead", report)
+    _print(report)
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trajectories", type=int, default=64, help="Trajectories at once in the concurrent phase.")
+    parser.add_argument("--sequential", type=int, default=10, help="Trajectories one at a time in the sequential phase.")
+    parser.add_argument("--turns", type=int, default=2, help="User turns per trajectory (five hops each).")
+    parser.add_argument("--orchestrator-threads", type=int, default=8, help="Threads of the orchestrator pool.")
+    parser.add_argument(
+        "--window-ms", type=float, default=0.0,
+        help="Role batch window: 0, since an instant model has no cost to share and a window only adds latency.",
+    )
+    return parser.parse_args()
+
+
+def _spec(index: int, turns: int) -> TaskSpec:
+    calls = [{"tool": "add", "arguments": {"a": index, "b": turn}} for turn in range(turns)]
+    return TaskSpec(turns=[f"Add. CALL {json.dumps(call)}" for call in calls], tools=["calculator"])
+
+
+def run_phase(
+    db: sa.Engine, settings: Settings, pids: dict[str, int], name: str, *, trajectories: int, turns: int, at_once: int
+) -> dict[str, Any]:
+    """Run ``trajectories`` in waves of ``at_once``; measure from the first submit to the last trajectory's end."""
+    cpu_before = {pool: cpu_seconds(pid) for pool, pid in pids.items()}
+    started = time.perf_counter()
+    ids: list[str] = []
+    for wave in range(0, trajectories, at_once):
+        wave_ids = [engine_ops.submit(db, _spec(i, turns), settings).id for i in range(wave, min(wave + at_once, trajectories))]
+        wait_finished(db, wave_ids, timeout=600, poll_s=0.02)
+        ids += wave_ids
+    wall = time.perf_counter() - started
+    cpu = {pool: cpu_seconds(pid) - cpu_before[pool] for pool, pid in pids.items()}
+    with Session(db) as session:
+        rows = session.exec(
+            select(Step.dispatched_at, Step.finished_at, Step.status, Step.batch_size, Step.latency_ms)
+            .join(Trajectory, Trajectory.id == Step.trajectory_id)
+            .where(Trajectory.task_id.in_(ids))
+        ).all()
+        failed = session.exec(
+            select(func.count()).select_from(Trajectory)
+            .where(Trajectory.task_id.in_(ids), Trajectory.status != TrajectoryStatus.COMPLETED)
+        ).one()
+    done = [row for row in rows if row.status == StepStatus.DONE]
+    latencies = [(row.finished_at - row.dispatched_at).total_seconds() * 1000 for row in done]
+    batches = [row.batch_size for row in done if row.batch_size is not None]
+    hops = len(done)
+    return {
+        "phase": name,
+        "trajectories": trajectories,
+        "at_once": at_once,
+        "failed_trajectories": failed,
+        "hops": hops,
+        "wall_s": round(wall, 3),
+        "hops_per_s": round(hops / wall, 1),
+        "latency_ms": percentiles(latencies),
+        "pool_ms": percentiles([row.latency_ms for row in done]),
+        "orchestrator_cpu_ms_per_hop": round(cpu["orchestrator"] / hops * 1000, 3),
+        "all_pools_cpu_ms_per_hop": round(sum(cpu.values()) / hops * 1000, 3),
+        "cpu_s_by_pool": {pool: round(seconds, 3) for pool, seconds in cpu.items()},
+        "mean_batch_size": round(statistics.fmean(batches), 2) if batches else None,
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p95, p99 and the mean, in the values' unit; nearest-rank percentiles on the sorted values."""
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))], 2)
+
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "mean": round(statistics.fmean(ordered), 2)}
+
+
+def _print(report: dict[str, Any]) -> None:
+    table = Table(title=f"orchestration overhead (hop = one step; load before {report['machine_before']['load_average']})")
+    for column in ("phase", "trajectories", "hops", "wall s", "hops/s", "p50 ms", "p95 ms", "p99 ms", "pool p50 ms",
+                   "orch CPU ms/hop", "all CPU ms/hop", "mean batch"):
+        table.add_column(column, justify="right")
+    for phase in report["phases"]:
+        lat = phase["latency_ms"]
+        table.add_row(phase["phase"], str(phase["trajectories"]), str(phase["hops"]), f"{phase['wall_s']:.1f}",
+                      f"{phase['hops_per_s']:.0f}", f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{lat['p99']:.1f}", f"{phase['pool_ms']['p50']:.1f}",
+                      f"{phase['orchestrator_cpu_ms_per_hop']:.2f}", f"{phase['all_pools_cpu_ms_per_hop']:.2f}",
+                      str(phase["mean_batch_size"]))
+    console = Console(width=160)
+    console.print(table)
+    targets = report["targets"]
+    console.print(
+        f"target ≥ {targets['hops_per_s']:.0f} hops/s: {'met' if targets['hops_per_s_met'] else 'NOT met'}; "
+        f"p50 ≤ {targets['p50_ms']:.0f} ms: sequential {'met' if targets['p50_met_sequential'] else 'NOT met'}, "
+        f"concurrent {'met' if targets['p50_met_concurrent'] else 'NOT met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

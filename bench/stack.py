@@ -1,0 +1,187 @@
+"""What the pool benchmarks run on: a fresh Postgres database, real Redis, settings pointing at both, and psutil probes.
+
+Shared by ``bench.overhead`` and ``bench.throughput`` so both measure the same deployment: one process per pool,
+started as ``tests.pools`` starts them (same environment, same readiness check), with a chosen thread count for the
+orchestrator pool (``umiq worker orchestrator --concurrency N``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import redis
+import sqlalchemy as sa
+from psycopg import sql
+from sqlmodel import Session, func, select
+
+from orchestrator import queues, store
+from orchestrator.logs import setup_logging
+from orchestrator.settings import Settings, get_settings
+from orchestrator.store import Trajectory, TrajectoryStatus
+from tests.pools import POOLS, REPO, _wait_ready, pool_env
+
+__all__ = [
+    "PG_URL",
+    "REDIS_URL",
+    "fresh_database",
+    "free_redis_db",
+    "bench_settings",
+    "pools",
+    "wait_finished",
+    "write_result",
+    "machine",
+    "cpu_seconds",
+    "rss_mb",
+]
+
+PG_URL = os.environ.get("UMIQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("UMIQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+RESULTS = Path(__file__).parent / "results"
+_CLAIM = "umiq:bench:claim"
+
+
+def _libpq(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new, empty, migrated database for one run, dropped afterwards: runs never see each other's rows."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(_libpq(PG_URL), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        store.migrate(url)
+        yield url
+    finally:
+        store.get_engine(url).dispose()
+        with psycopg.connect(_libpq(PG_URL), autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def free_redis_db() -> Iterator[str]:
+    """A Redis database of its own (1 to 15, empty, claimed with a key), so no other run's workers share its queues.
+
+    Tests use database 0, and pools on the same queues take each other's messages (and empty each other's queues).
+    """
+    for index in range(1, 16):
+        url = f"{REDIS_URL.rstrip('/')}/{index}"
+        with redis.Redis.from_url(url) as client:
+            if client.dbsize() == 0 and client.set(_CLAIM, os.getpid(), nx=True, ex=3600):
+                break
+    else:
+        raise RuntimeError(f"no empty Redis database at {REDIS_URL}")
+    try:
+        yield url
+    finally:
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+
+
+def bench_settings(database_url: str, broker_url: str, home: Path) -> Settings:
+    """Point this process (its settings and Celery app) at the run's database and broker, as a deployment would.
+
+    The benchmark's own process logs warnings only (one line per submitted task would flood the table); the pools
+    it starts get their own environment and log as deployed.
+    """
+    os.environ.update(
+        {"UMIQ_DATABASE_URL": database_url, "UMIQ_BROKER_URL": broker_url, "UMIQ_HOME": str(home), "UMIQ_LOG_LEVEL": "WARNING"}
+    )
+    get_settings.cache_clear()
+    queues.configure()
+    settings = get_settings()
+    setup_logging(settings)
+    return settings
+
+
+@contextmanager
+def pools(
+    settings: Settings, log_dir: Path, extra: Mapping[str, str], *, orchestrator_threads: int
+) -> Iterator[dict[str, subprocess.Popen]]:
+    """One process per pool, ready to consume; each is stopped (warm shutdown, then killed) on exit."""
+    env = pool_env(settings, extra)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in POOLS:
+            threads = orchestrator_threads if name == "orchestrator" else 2
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "worker", name, "--concurrency", str(threads)],
+                cwd=REPO,
+                env=env,
+                stdout=(log_dir / f"{name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        _wait_ready(procs, log_dir, timeout=300)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        _, alive = psutil.wait_procs([psutil.Process(proc.pid) for proc in procs.values()], timeout=30)
+        for straggler in alive:
+            straggler.kill()
+
+
+def wait_finished(db: sa.Engine, task_ids: list[str], *, timeout: float, poll_s: float) -> None:
+    """Poll the store (the truth) until none of these tasks' trajectories runs any more."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Session(db) as session:
+            running = session.exec(
+                select(func.count())
+                .select_from(Trajectory)
+                .where(Trajectory.task_id.in_(task_ids), Trajectory.status == TrajectoryStatus.RUNNING)
+            ).one()
+        if running == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{running} trajectories still running after {timeout} s")
+        time.sleep(poll_s)
+
+
+def write_result(name: str, report: dict[str, Any]) -> Path:
+    """``bench/results/<name>.json``, the file the README's figures come from."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from; the load average says how much other work shared the cores."""
+    return {
+        "cpu_count": psutil.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads and its live children (a prefork pool's processes)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
