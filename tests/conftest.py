@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -99,6 +100,13 @@ def settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFacto
         yield get_settings()
     get_settings.cache_clear()
     queues.configure()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """UMIQ_MODEL_CACHE reuses converted models across runs; otherwise each session converts once into a temp dir."""
+    configured = os.environ.get("UMIQ_MODEL_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ and through real pools concurrent trajectories really share generate calls (thei
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,9 +29,8 @@ PROMPTS = ["Hello", "The weather in Paris is " * 12, CHAT, "x", "Once upon a tim
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LocalBackend:
-    cache = os.environ.get("UMIQ_MODEL_CACHE")
-    return LocalBackend(TINY_SMOLLM2, cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("models"), device="cpu")
+def tiny(model_cache: Path) -> LocalBackend:
+    return LocalBackend(TINY_SMOLLM2, cache_dir=model_cache, device="cpu")
 
 
 class Versioned:

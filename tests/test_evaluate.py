@@ -7,7 +7,6 @@ with ToolBench's ``none`` answer, one give-up); the fixture's hallucinated gold 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,12 +223,9 @@ def test_parse_backbone_takes_the_last_marker_and_counts_errors() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LocalBackend:
-    """The random tiny model (UMIQ_MODEL_CACHE reuses its conversion); it writes no protocol, only errors."""
-    cache = os.environ.get("UMIQ_MODEL_CACHE")
-    return LocalBackend(
-        TINY_SMOLLM2, cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("models"), device="cpu"
-    )
+def tiny(model_cache: Path) -> LocalBackend:
+    """The random tiny model; it writes no protocol, only errors."""
+    return LocalBackend(TINY_SMOLLM2, cache_dir=model_cache, device="cpu")
 
 
 @pytest.mark.parametrize("system", ["multi", "backbone"])

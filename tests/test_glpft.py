@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -49,10 +48,8 @@ THOUGHT = "I should add the two numbers."
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """UMIQ_MODEL_CACHE reuses the converted tiny model across runs, as in the backend tests."""
-    configured = os.environ.get("UMIQ_MODEL_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("models")
+def cache(model_cache: Path) -> Path:
+    return model_cache
 
 
 @pytest.fixture(scope="module")

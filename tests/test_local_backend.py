@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -16,13 +15,6 @@ from workers.backends.models import SMOLLM2, TINY_SMOLLM2, VERSION_FILE, _cached
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 PROMPTS = ["Hello", "The weather in Paris is " * 12, CHAT, "x"]
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """UMIQ_MODEL_CACHE reuses converted models across runs; otherwise each session converts once into a temp dir."""
-    configured = os.environ.get("UMIQ_MODEL_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -141,9 +140,8 @@ def _variant(tiny: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Converted models are reused from UMIQ_MODEL_CACHE when it is set, else built once into a temp dir."""
-    return Path(os.environ.get("UMIQ_MODEL_CACHE") or tmp_path_factory.mktemp("models"))
+def cache_dir(model_cache: Path) -> Path:
+    return model_cache
 
 
 @pytest.fixture(scope="module")
