@@ -24,11 +24,11 @@ from sqlmodel import Session
 from orchestrator import auth, queues, store
 from orchestrator.settings import Settings, get_settings
 
-__all__ = ["PG_URL", "REDIS_URL", "TOY_TOOLSET", "TOY_SPECS"]
+__all__ = ["PG_URL", "REDIS_BASE", "TOY_TOOLSET", "TOY_SPECS"]
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS_URL = f"redis://127.0.0.1:6379/{os.getpid() % 15 + 1}"
-"""A database index of its own per test session, so two sessions on one machine never consume each other's steps."""
+REDIS_BASE = "redis://127.0.0.1:6379"
+_REDIS_LOCK = "umiq:test-session"
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 REDIS_START = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
 
@@ -78,14 +78,28 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3, socket_timeout=3) as client:
-        try:
-            client.ping()
-            return REDIS_URL
-        except redis.exceptions.ConnectionError as exc:
-            error = exc
-    pytest.fail(f"Redis is not reachable at {REDIS_URL} ({error}).\nStart it with: {REDIS_START}", pytrace=False)
+def redis_url() -> Iterator[str]:
+    """A Redis database index this session holds alone (a lock key claims it), so that two test sessions on one
+    machine never consume each other's steps; it is emptied before and after."""
+    try:
+        url = _claim_redis_db()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_BASE} ({exc}).\nStart it with: {REDIS_START}", pytrace=False)
+    yield url
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+
+
+def _claim_redis_db() -> str:
+    for index in range(1, 16):
+        url = f"{REDIS_BASE}/{index}"
+        with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3) as client:
+            if client.set(_REDIS_LOCK, os.getpid(), nx=True, ex=3 * 3600):
+                for key in client.scan_iter():
+                    if key != _REDIS_LOCK.encode():
+                        client.delete(key)
+                return url
+    pytest.fail(f"every Redis database 1-15 at {REDIS_BASE} is held by another test session", pytrace=False)
 
 
 @pytest.fixture(scope="session")
