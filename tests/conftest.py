@@ -130,6 +130,15 @@ def engine(settings: Settings) -> sa.Engine:
 
 
 @pytest.fixture
+def clean_registry(engine: sa.Engine) -> sa.Engine:
+    """No model versions: every role serves its base model, whatever earlier tests of the session registered."""
+    with Session(engine) as session:
+        session.execute(sa.delete(store.ModelVersion))
+        session.commit()
+    return engine
+
+
+@pytest.fixture
 def catalog(engine: sa.Engine) -> str:
     """Publish the toy tool set as a tool pool would at start; returns its name."""
     with Session(engine) as session:

@@ -12,25 +12,29 @@ from celery import Celery
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.stack import free_redis_db
 from orchestrator import queues
 from orchestrator.api import create_app
 from orchestrator.queues import EXECUTE_TOOL, generate_task_name
 from orchestrator.settings import Settings
 from orchestrator.store import Step, StepStatus, Task, Trajectory, session_scope, utcnow
+from tests.servers import RedisServer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
-def on_own_redis(settings: Settings) -> Iterator[Settings]:
-    """The session's settings on a Redis database no other run uses, so queue depths are exactly ours.
+def on_own_redis(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """The session's settings on a Redis server of the test's own, so queue depths are exactly ours.
 
     The window spans the whole session, so no earlier test's step leaves it between two scrapes of one test.
     """
-    with free_redis_db() as url:
-        yield settings.model_copy(update={"broker_url": url, "metrics_window_s": 86400.0})
-    queues.configure(settings)  # create_app pointed the process-wide Celery app elsewhere
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield settings.model_copy(update={"broker_url": server.url, "metrics_window_s": 86400.0})
+    finally:
+        server.stop()
+        queues.configure(settings)  # create_app pointed the process-wide Celery app elsewhere
 
 
 def scrape(settings: Settings) -> Samples:

@@ -60,7 +60,8 @@ def test_gate_refuses_missing_metrics() -> None:
     assert not ok and "missing" in reason
 
 
-def test_promote_retires_the_previous_version_and_rollback_restores_it(engine: sa.Engine) -> None:
+def test_promote_retires_the_previous_version_and_rollback_restores_it(clean_registry: sa.Engine) -> None:
+    engine = clean_registry
     first, second = _register(engine, "caller"), _register(engine, "caller")
     registry.promote(engine, first, reason="first")
     registry.promote(engine, second, reason="better")
@@ -76,7 +77,8 @@ def test_promote_retires_the_previous_version_and_rollback_restores_it(engine: s
         registry.rollback(engine, "caller")
 
 
-def test_rejecting_a_serving_version_is_refused(engine: sa.Engine) -> None:
+def test_rejecting_a_serving_version_is_refused(clean_registry: sa.Engine) -> None:
+    engine = clean_registry
     version = _register(engine, "summarizer")
     registry.promote(engine, version, reason="ok")
     with pytest.raises(registry.RegistryError, match="roll it back"):
@@ -86,8 +88,9 @@ def test_rejecting_a_serving_version_is_refused(engine: sa.Engine) -> None:
 
 
 def test_a_running_worker_serves_a_newly_promoted_version(
-    settings: Settings, engine: sa.Engine, tmp_path: Path
+    settings: Settings, clean_registry: sa.Engine, tmp_path: Path
 ) -> None:
+    engine = clean_registry
     base = resolve_model(TINY_SMOLLM2, settings.resolved_model_cache)
     version_id = f"planner-{uuid.uuid4().hex[:8]}"
     candidate = settings.resolved_model_store / version_id
