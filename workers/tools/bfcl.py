@@ -175,7 +175,7 @@ def _parameter_names(function: str) -> tuple[str, ...]:
 def _literal(node: ast.expr, text: str) -> Any:
     try:
         return ast.literal_eval(node)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: an unhashable key such as {[1]: 2}
         raise ValueError(f"argument is not a literal in {text!r}") from exc
 
 
