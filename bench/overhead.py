@@ -2,8 +2,8 @@
 
 The three role pools run the scripted backend on ``tests.scripted_roles`` (instant, recorded-style outputs: plan,
 call ``add``, conclude), the tools pool runs the real ``calculator`` tool set, and everything else is production:
-one process per pool (``bench.stack.pools``), its own Redis database as the broker, a fresh Postgres database as the
-store.
+one process per pool (``bench.stack.pools``), a Redis server of its own as the broker, a fresh Postgres database as
+the store.
 Each trajectory has ``--turns`` user turns of five hops each (planner, caller, tool, planner, summarizer).
 
 A **hop** is one step: the orchestrator dispatches a message to a pool and applies the result that comes back.
@@ -38,9 +38,9 @@ from bench.stack import (
     bench_settings,
     cpu_seconds,
     fresh_database,
-    free_redis_db,
     machine,
     pools,
+    private_redis,
     wait_finished,
     write_result,
 )
@@ -64,7 +64,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="umiq-bench-overhead-") as home,
         fresh_database("umiq_bench_overhead") as url,
-        free_redis_db() as broker,
+        private_redis() as broker,
     ):
         settings = bench_settings(url, broker, Path(home))
         windows = {f"UMIQ_{role}__BATCH_WINDOW_MS": str(args.window_ms) for role in ROLES}

@@ -1,6 +1,7 @@
 """What the pool benchmarks run on: a fresh Postgres database, real Redis, settings pointing at both, and psutil probes.
 
-Shared by ``bench.overhead`` and ``bench.throughput`` so both measure the same deployment: one process per pool,
+Shared by ``bench.overhead`` and ``bench.throughput`` so both measure the same deployment: a Redis server of the
+run's own, one process per pool,
 started as ``tests.pools`` starts them (same environment, same readiness check), with a chosen thread count for the
 orchestrator pool (``umiq worker orchestrator --concurrency N``).
 """
@@ -12,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -21,7 +23,6 @@ from typing import Any
 
 import psutil
 import psycopg
-import redis
 import sqlalchemy as sa
 from psycopg import sql
 from sqlmodel import Session, func, select
@@ -31,12 +32,12 @@ from orchestrator.logs import setup_logging
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import Trajectory, TrajectoryStatus
 from tests.pools import POOLS, REPO, _wait_ready, pool_env
+from tests.servers import RedisServer
 
 __all__ = [
     "PG_URL",
-    "REDIS_URL",
     "fresh_database",
-    "free_redis_db",
+    "private_redis",
     "bench_settings",
     "pools",
     "wait_finished",
@@ -47,9 +48,7 @@ __all__ = [
 ]
 
 PG_URL = os.environ.get("UMIQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("UMIQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 RESULTS = Path(__file__).parent / "results"
-_CLAIM = "umiq:bench:claim"
 
 
 def _libpq(url: str) -> str:
@@ -73,34 +72,32 @@ def fresh_database(prefix: str) -> Iterator[str]:
 
 
 @contextmanager
-def free_redis_db() -> Iterator[str]:
-    """A Redis database of its own (1 to 15, empty, claimed with a key), so no other run's workers share its queues.
+def private_redis() -> Iterator[str]:
+    """A redis-server of this run's own (``tests.servers.RedisServer``), stopped afterwards.
 
-    Tests use database 0, and pools on the same queues take each other's messages (and empty each other's queues).
+    Test sessions take databases of the shared Redis by process id, so a benchmark there could take their messages
+    and they its: a broker of its own is the only queue nobody else consumes.
     """
-    for index in range(1, 16):
-        url = f"{REDIS_URL.rstrip('/')}/{index}"
-        with redis.Redis.from_url(url) as client:
-            if client.dbsize() == 0 and client.set(_CLAIM, os.getpid(), nx=True, ex=3600):
-                break
-    else:
-        raise RuntimeError(f"no empty Redis database at {REDIS_URL}")
-    try:
-        yield url
-    finally:
-        with redis.Redis.from_url(url) as client:
-            client.flushdb()
+    with tempfile.TemporaryDirectory(prefix="umiq-bench-redis-") as folder:
+        server = RedisServer(Path(folder))
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
 
 
-def bench_settings(database_url: str, broker_url: str, home: Path) -> Settings:
+def bench_settings(database_url: str, broker_url: str, home: Path, env: Mapping[str, str] | None = None) -> Settings:
     """Point this process (its settings and Celery app) at the run's database and broker, as a deployment would.
 
-    The benchmark's own process logs warnings only (one line per submitted task would flood the table); the pools
-    it starts get their own environment and log as deployed.
+    ``env`` holds the ``UMIQ_*`` settings the pools get too: a task's first step is rendered here, at submit. The
+    benchmark's own process logs warnings only (a line per submitted task would flood the table); the pools log as
+    deployed.
     """
     os.environ.update(
-        {"UMIQ_DATABASE_URL": database_url, "UMIQ_BROKER_URL": broker_url, "UMIQ_HOME": str(home), "UMIQ_LOG_LEVEL": "WARNING"}
+        {"UMIQ_DATABASE_URL": database_url, "UMIQ_BROKER_URL": broker_url, "UMIQ_HOME": str(home), **(env or {})}
     )
+    os.environ["UMIQ_LOG_LEVEL"] = "WARNING"
     get_settings.cache_clear()
     queues.configure()
     settings = get_settings()

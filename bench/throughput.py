@@ -21,8 +21,8 @@ two model steps each), 32 new tokens and 64-character tool descriptions keep bot
 raise them (``--trajectories 32 --steps 3 --max-new-tokens 96``). Torch threads: the reference is one process and
 gets every core (``--reference-threads``); umiq runs three model processes, and trajectories in flight keep two
 of them busy at once (a planner batch beside a caller batch), so each gets half the cores (``--pool-threads``,
-``UMIQ_<ROLE>__THREADS``): two processes with all cores each oversubscribe them, and torch's thread pools slow
-down badly when they do (measured: 0.81x of the reference with 2 threads each on 2 cores).
+``UMIQ_<ROLE>__THREADS``): two processes with all cores each would oversubscribe them, and torch's thread pools
+slow down badly when they do.
 
 Writes ``bench/results/throughput.json`` and prints a table. Usage: ``python -m bench.throughput``.
 """
@@ -49,9 +49,9 @@ from sqlmodel import Session, select
 from bench.stack import (
     bench_settings,
     fresh_database,
-    free_redis_db,
     machine,
     pools,
+    private_redis,
     rss_mb,
     wait_finished,
     write_result,
@@ -257,9 +257,9 @@ def umiq_run(specs: list[TaskSpec], budget: Budget, model_cache: Path) -> _Run:
     with (
         tempfile.TemporaryDirectory(prefix="umiq-bench-throughput-") as home,
         fresh_database("umiq_bench_throughput") as url,
-        free_redis_db() as broker,
+        private_redis() as broker,
     ):
-        settings = bench_settings(url, broker, Path(home))
+        settings = bench_settings(url, broker, Path(home), extra)
         with pools(settings, Path(home), extra, orchestrator_threads=2) as procs:
             db = get_engine(url)
             started = time.perf_counter()

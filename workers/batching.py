@@ -40,6 +40,8 @@ class Batched:
 
 @dataclass(frozen=True)
 class _Pending:
+    """A submitted request and the future its task thread waits on."""
+
     request: GenerationRequest
     future: Future[Batched]
 
