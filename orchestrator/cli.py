@@ -205,6 +205,9 @@ def train(
     dev_limit: Annotated[int | None, typer.Option(help="Dev steps scored per system for the gate.")] = None,
     method: Annotated[str | None, typer.Option(help="full | lora")] = None,
     base_model: Annotated[str | None, typer.Option(help="What the global stage starts from.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward pass, every stage.")] = None,
+    grad_accumulation: Annotated[int | None, typer.Option(help="Forward passes per optimizer step, every stage.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens of prompt + target, every stage.")] = None,
     queue: Annotated[bool, typer.Option(help="Send the cycle to the training pool instead of running it here.")] = False,
 ) -> None:
     """Run one learning-loop cycle: data, GLPFT (global + three roles), dev evaluation, register, gate, promote."""
@@ -224,7 +227,13 @@ def train(
     from training.cycle_config import CycleConfig
 
     migrate(settings.resolved_database_url)
-    report = run_cycle(get_engine(settings.resolved_database_url), settings, CycleConfig.from_settings(settings), force=force)
+    config = CycleConfig.from_settings(settings)
+    recipe = {"per_device_batch_size": batch_size, "grad_accumulation": grad_accumulation, "max_length": max_length}
+    for stage in ("global", "planner", "caller", "summarizer"):
+        for name, value in recipe.items():
+            if value is not None:
+                setattr(config.glpft.stage(stage), name, value)
+    report = run_cycle(get_engine(settings.resolved_database_url), settings, config, force=force)
     _print_cycle(report)
 
 
