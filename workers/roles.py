@@ -85,8 +85,12 @@ def backend() -> Backend:
     if _backend is None or wanted != _serving:
         started = time.perf_counter()
         role_settings = settings.role(_role.value).model_copy(update={"model": wanted})
-        previous = _backend.model_version if _backend is not None else None
+        replaced = _backend
+        previous = replaced.model_version if replaced is not None else None
         _backend, _serving = load_backend(role_settings, settings), wanted
+        close = getattr(replaced, "close", None)
+        if close is not None:  # a remote backend holds a thread pool and an HTTP session
+            close()
         log.info(
             "worker.model_ready",
             role=_role.value,
