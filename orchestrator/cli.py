@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -209,6 +210,7 @@ def train(
     grad_accumulation: Annotated[int | None, typer.Option(help="Forward passes per optimizer step, every stage.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens of prompt + target, every stage.")] = None,
     queue: Annotated[bool, typer.Option(help="Send the cycle to the training pool instead of running it here.")] = False,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Also write the cycle report here as JSON.")] = None,
 ) -> None:
     """Run one learning-loop cycle: data, GLPFT (global + three roles), dev evaluation, register, gate, promote."""
     settings = get_settings()
@@ -235,6 +237,9 @@ def train(
                 setattr(config.glpft.stage(stage), name, value)
     report = run_cycle(get_engine(settings.resolved_database_url), settings, config, force=force)
     _print_cycle(report)
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(asdict(report), indent=2, default=str), encoding="utf-8")
 
 
 def _print_cycle(report: object) -> None:

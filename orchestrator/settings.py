@@ -33,8 +33,9 @@ class RoleSettings(BaseModel):
     """What one role pool serves and how it decodes."""
 
     model: str = Field(
-        DEFAULT_MODEL,
-        description="'smollm2-135m' (offline default), 'tiny-smollm2' (tests), a local folder, a hub id, or 'registry'.",
+        REGISTRY,
+        description="'registry' (default: the role's active trained version, else base_model), 'smollm2-135m', "
+        "'tiny-smollm2' (tests), a local folder or a hub id.",
     )
     base_model: str = Field(DEFAULT_MODEL, description="What a 'registry' role serves while no version of it is active.")
     backend: str = Field(

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from orchestrator.schemas import StepView, TaskView
 
-__all__ = ["print_task", "role_stats", "print_summary"]
+__all__ = ["print_task", "role_stats", "served_versions", "print_summary"]
 
 _COLORS = {"planner": "cyan", "caller": "magenta", "tools": "yellow", "summarizer": "green"}
 
@@ -74,6 +74,16 @@ def role_stats(views: Sequence[TaskView]) -> dict[str, dict[str, float]]:
     return {kind: {**row, "mean_ms": row["ms"] / row["steps"]} for kind, row in acc.items() if row["steps"]}
 
 
+def served_versions(views: Sequence[TaskView]) -> dict[str, str]:
+    """The model versions that wrote each role's steps: after a promotion, the proof of which model served."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for view in views:
+        for step in view.steps:
+            if step.model_version:
+                found[step.kind].add(step.model_version)
+    return {kind: ", ".join(sorted(names)) for kind, names in found.items()}
+
+
 def print_summary(console: Console, views: Sequence[TaskView], wall_s: float) -> None:
     """Per-task outcome and verdict, then per-role steps, tokens and latency."""
     tasks = Table(title="tasks")
@@ -85,8 +95,12 @@ def print_summary(console: Console, views: Sequence[TaskView], wall_s: float) ->
         tasks.add_row(view.id[:8], str(view.meta.get("bfcl_id", "-")), view.status, str(len(view.steps)), tokens, verdict)
     console.print(tasks)
     roles = Table(title=f"per role (wall time {wall_s:.1f} s)")
-    for column in ("role", "steps", "tokens in", "tokens out", "mean latency ms", "total s"):
+    for column in ("role", "model version", "steps", "tokens in", "tokens out", "mean latency ms", "total s"):
         roles.add_column(column)
+    versions = served_versions(views)
     for kind, row in sorted(role_stats(views).items()):
-        roles.add_row(kind, f"{row['steps']:.0f}", f"{row['tokens_in']:.0f}", f"{row['tokens_out']:.0f}", f"{row['mean_ms']:.0f}", f"{row['ms'] / 1000:.1f}")
+        roles.add_row(
+            kind, versions.get(kind, "-"), f"{row['steps']:.0f}", f"{row['tokens_in']:.0f}", f"{row['tokens_out']:.0f}",
+            f"{row['mean_ms']:.0f}", f"{row['ms'] / 1000:.1f}",
+        )
     console.print(roles)

@@ -54,11 +54,17 @@ def _active_version_path(settings: Settings, role: ModelRole) -> str | None:
 
 
 def _wanted_model(settings: Settings, role: ModelRole) -> str:
-    """The configured model, or for ``model=registry`` the role's active version (polled, not queried every step)."""
+    """The configured model, or for ``model=registry`` the role's active version (polled, not queried every step).
+
+    Registry versions are weight folders, so only a local backend serves them; a remote or scripted role asks for
+    its base model, and an inference server rolls out new weights itself (vLLM's LoRA adapters, a new endpoint).
+    """
     global _checked_at
     configured = settings.role(role.value)
     if configured.model != REGISTRY:
         return configured.model
+    if configured.backend != "local":
+        return configured.base_model
     if _serving is not None and time.monotonic() - _checked_at < settings.registry_poll_s:
         return _serving
     _checked_at = time.monotonic()
