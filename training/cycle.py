@@ -27,8 +27,7 @@ from training.live import trajectories_from_store
 from training.samples import Trajectory, glpft_dataset
 from training.seed import seed_trajectories
 from training.split import assert_trainable, is_trainable, load_split
-from workers.backends.base import Backend
-from workers.backends.local import LocalBackend
+from workers.backends.local import load_shared
 
 __all__ = ["CycleReport", "collect", "run_cycle"]
 
@@ -103,19 +102,8 @@ def _dev_set(config: CycleConfig) -> list[Trajectory]:
     return seed_trajectories(config.seed_category, ids=sorted(load_split("dev")))
 
 
-def _serving(engine: sa.Engine, settings: Settings) -> dict[str, str]:
-    """What each role serves now: its active registry version, or the base model."""
-    served = {}
-    for role in ROLES:
-        version = registry.active(engine, role)
-        served[role] = version.path if version else settings.role(role).base_model
-    return served
-
-
 def _evaluate(models: dict[str, str], dev: list[Trajectory], config: CycleConfig, settings: Settings) -> dict[str, float]:
-    loaded: dict[str, Backend] = {}
-    cache = settings.resolved_model_cache
-    backends = {role: loaded.setdefault(path, LocalBackend(path, cache_dir=cache)) for role, path in models.items()}
+    backends = load_shared(models, cache_dir=settings.resolved_model_cache)
     result = evaluate_static(
         dev, backends, compat=settings.prompt_mode == "compat", limit=config.dev_limit, batch_size=4,
         max_new_tokens=settings.planner.max_new_tokens, description_chars=settings.doc_description_chars,
@@ -157,7 +145,7 @@ def run_cycle(engine: sa.Engine, settings: Settings, config: CycleConfig, *, for
     log.info("cycle.training", cycle=cycle, trajectories=len(trajectories), samples={k: len(v) for k, v in samples.items()})
     stages = run_glpft(config.glpft, samples, settings.resolved_model_store / cycle)
     dev = _dev_set(config)
-    baseline = _evaluate(_serving(engine, settings), dev, config, settings)
+    baseline = _evaluate(registry.serving(engine, settings), dev, config, settings)
     candidate = _evaluate({role: stages[role].model_path for role in ROLES}, dev, config, settings)
     ids = _register_all(engine, stages, snapshot, config, candidate)
     decisions = {}

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import structlog
 from sqlmodel import select
 
+from orchestrator.settings import Settings
 from orchestrator.store import ModelStatus, ModelVersion, session_scope, utcnow
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RegistryError",
     "register",
     "active",
+    "serving",
     "versions",
     "gate",
     "promote",
@@ -78,6 +80,15 @@ def active(engine: sa.Engine, role: str) -> ModelVersion | None:
         return session.exec(
             select(ModelVersion).where(ModelVersion.role == role, ModelVersion.status == ModelStatus.ACTIVE)
         ).one_or_none()
+
+
+def serving(engine: sa.Engine, settings: Settings) -> dict[str, str]:
+    """What each role serves with ``model=registry``: its active version's folder, or its base model."""
+    served = {}
+    for role in ("planner", "caller", "summarizer"):
+        version = active(engine, role)
+        served[role] = version.path if version else settings.role(role).base_model
+    return served
 
 
 def versions(engine: sa.Engine, role: str | None = None) -> list[ModelVersion]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from workers.backends.base import GenerationRequest, GenerationResult
 from workers.backends.models import model_version, resolve_model
 from workers.backends.prompting import encode_prompt
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "load_shared"]
 
 log = structlog.get_logger(__name__)
 
@@ -222,3 +222,13 @@ def _stop_end(text: str, stops: Sequence[str]) -> int | None:
 
 def _failure(exc: Exception, *, tokens_in: int) -> GenerationResult:
     return GenerationResult(text="", tokens_in=tokens_in, tokens_out=0, error=f"{type(exc).__name__}: {exc}")
+
+
+def load_shared(models: Mapping[str, str], *, cache_dir: Path) -> dict[str, LocalBackend]:
+    """One backend per role name in ``models``, loading each distinct model once: a system that serves one model
+    in several roles (the base, the single-LLM agent) holds it in memory once."""
+    loaded: dict[str, LocalBackend] = {}
+    for model in models.values():
+        if model not in loaded:
+            loaded[model] = LocalBackend(model, cache_dir=cache_dir)
+    return {role: loaded[model] for role, model in models.items()}
