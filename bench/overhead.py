@@ -10,7 +10,10 @@ A **hop** is one step: the orchestrator dispatches a message to a pool and appli
 **Hop latency** is ``step.finished_at - step.dispatched_at``, both stamped by the orchestrator: its commit and
 publish, the broker, the pool's receive + work + send, the broker again, and the orchestrator picking up the
 result and locking the trajectory. **Orchestrator CPU per hop** is the orchestrator process's user + system CPU
-time over the phase (psutil) divided by its hops; all pools' CPU per hop is given beside it.
+time over the phase (psutil) divided by its hops; all pools' CPU per hop is given beside it, and so are the
+broker's (the run's own redis-server), Postgres's (every server process: a shared server, so a rough figure) and the
+benchmark driver's (submitting and polling). Their sum is the whole machine's CPU per hop, and ``cpu_bound_hops_per_s``
+is what the machine's cores could do at that cost with nothing else running: the ceiling the target is held against.
 
 Two phases after a warm-up: ``sequential`` runs one trajectory at a time (latency with no queueing), ``concurrent``
 runs ``--trajectories`` at once (throughput; its latencies include waiting behind the other trajectories).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -40,7 +44,8 @@ from bench.stack import (
     fresh_database,
     machine,
     pools,
-    private_redis,
+    postgres_cpu_seconds,
+    private_redis_server,
     wait_finished,
     write_result,
 )
@@ -64,18 +69,20 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="umiq-bench-overhead-") as home,
         fresh_database("umiq_bench_overhead") as url,
-        private_redis() as broker,
+        private_redis_server() as redis_server,
     ):
-        settings = bench_settings(url, broker, Path(home))
+        settings = bench_settings(url, redis_server.url, Path(home))
         windows = {f"UMIQ_{role}__BATCH_WINDOW_MS": str(args.window_ms) for role in ROLES}
         with pools(settings, Path(home), {**scripted_roles(), **windows}, orchestrator_threads=args.orchestrator_threads) as procs:
             pids = {name: proc.pid for name, proc in procs.items()}
+            others = {"broker": redis_server._proc.pid}
             db = get_engine(url)
             run_phase(db, settings, pids, "warm-up", trajectories=4, turns=args.turns, at_once=4)
             phases = [
-                run_phase(db, settings, pids, "sequential", trajectories=args.sequential, turns=args.turns, at_once=1),
+                run_phase(db, settings, pids, "sequential", trajectories=args.sequential, turns=args.turns, at_once=1,
+                          others=others),
                 run_phase(db, settings, pids, "concurrent", trajectories=args.trajectories, turns=args.turns,
-                          at_once=args.trajectories),
+                          at_once=args.trajectories, others=others),
             ]
     concurrent = phases[1]
     report = {
@@ -85,6 +92,8 @@ def main() -> None:
             "latency_ms": "step.finished_at - step.dispatched_at (both stamped by the orchestrator)",
             "pool_ms": "the pool's own time on the step (step.latency_ms, reported by the worker); the rest is queue + db",
             "orchestrator_cpu_ms_per_hop": "orchestrator process user+system CPU over the phase / hops",
+            "machine_cpu_ms_per_hop": "pools + broker + postgres (shared server, rough) + benchmark driver, per hop",
+            "cpu_bound_hops_per_s": "cpu_count * 1000 / machine_cpu_ms_per_hop: the ceiling on an otherwise idle machine",
         },
         "setup": {
             "broker": "redis", "store": "postgres (fresh database)", "role_backend": "scripted: tests.scripted_roles",
@@ -125,10 +134,26 @@ def _spec(index: int, turns: int) -> TaskSpec:
 
 
 def run_phase(
-    db: sa.Engine, settings: Settings, pids: dict[str, int], name: str, *, trajectories: int, turns: int, at_once: int
+    db: sa.Engine,
+    settings: Settings,
+    pids: dict[str, int],
+    name: str,
+    *,
+    trajectories: int,
+    turns: int,
+    at_once: int,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``trajectories`` in waves of ``at_once``; measure from the first submit to the last trajectory's end."""
+    """Run ``trajectories`` in waves of ``at_once``; measure from the first submit to the last trajectory's end.
+
+    ``others`` names more processes whose CPU per hop to report (the broker); Postgres's and this driver's own are
+    always read.
+    """
+    others = others or {}
     cpu_before = {pool: cpu_seconds(pid) for pool, pid in pids.items()}
+    other_before = {key: cpu_seconds(pid) for key, pid in others.items()}
+    other_before["driver"] = _own_cpu_seconds()
+    postgres_before = postgres_cpu_seconds()
     started = time.perf_counter()
     ids: list[str] = []
     for wave in range(0, trajectories, at_once):
@@ -137,6 +162,9 @@ def run_phase(
         ids += wave_ids
     wall = time.perf_counter() - started
     cpu = {pool: cpu_seconds(pid) - cpu_before[pool] for pool, pid in pids.items()}
+    other_cpu = {key: cpu_seconds(pid) - other_before[key] for key, pid in others.items()}
+    other_cpu["driver"] = _own_cpu_seconds() - other_before.pop("driver")
+    other_cpu["postgres"] = postgres_cpu_seconds() - postgres_before
     with Session(db) as session:
         rows = session.exec(
             select(Step.dispatched_at, Step.finished_at, Step.status, Step.batch_size, Step.latency_ms)
@@ -151,6 +179,7 @@ def run_phase(
     latencies = [(row.finished_at - row.dispatched_at).total_seconds() * 1000 for row in done]
     batches = [row.batch_size for row in done if row.batch_size is not None]
     hops = len(done)
+    machine_ms = (sum(cpu.values()) + sum(other_cpu.values())) / hops * 1000
     return {
         "phase": name,
         "trajectories": trajectories,
@@ -164,8 +193,17 @@ def run_phase(
         "orchestrator_cpu_ms_per_hop": round(cpu["orchestrator"] / hops * 1000, 3),
         "all_pools_cpu_ms_per_hop": round(sum(cpu.values()) / hops * 1000, 3),
         "cpu_s_by_pool": {pool: round(seconds, 3) for pool, seconds in cpu.items()},
+        "other_cpu_ms_per_hop": {key: round(seconds / hops * 1000, 3) for key, seconds in other_cpu.items()},
+        "machine_cpu_ms_per_hop": round(machine_ms, 3),
+        "cpu_bound_hops_per_s": round((os.cpu_count() or 1) * 1000 / machine_ms, 1),
         "mean_batch_size": round(statistics.fmean(batches), 2) if batches else None,
     }
+
+
+def _own_cpu_seconds() -> float:
+    """This process alone (its pools and the broker are its children, counted apart)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -181,15 +219,16 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def _print(report: dict[str, Any]) -> None:
     table = Table(title=f"orchestration overhead (hop = one step; load before {report['machine_before']['load_average']})")
     for column in ("phase", "trajectories", "hops", "wall s", "hops/s", "p50 ms", "p95 ms", "p99 ms", "pool p50 ms",
-                   "orch CPU ms/hop", "all CPU ms/hop", "mean batch"):
+                   "orch CPU ms/hop", "all CPU ms/hop", "machine CPU ms/hop", "CPU-bound hops/s", "mean batch"):
         table.add_column(column, justify="right")
     for phase in report["phases"]:
         lat = phase["latency_ms"]
         table.add_row(phase["phase"], str(phase["trajectories"]), str(phase["hops"]), f"{phase['wall_s']:.1f}",
                       f"{phase['hops_per_s']:.0f}", f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{lat['p99']:.1f}", f"{phase['pool_ms']['p50']:.1f}",
                       f"{phase['orchestrator_cpu_ms_per_hop']:.2f}", f"{phase['all_pools_cpu_ms_per_hop']:.2f}",
+                      f"{phase['machine_cpu_ms_per_hop']:.2f}", f"{phase['cpu_bound_hops_per_s']:.0f}",
                       str(phase["mean_batch_size"]))
-    console = Console(width=160)
+    console = Console(width=200)
     console.print(table)
     targets = report["targets"]
     console.print(

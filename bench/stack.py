@@ -38,6 +38,8 @@ __all__ = [
     "PG_URL",
     "fresh_database",
     "private_redis",
+    "private_redis_server",
+    "postgres_cpu_seconds",
     "bench_settings",
     "pools",
     "wait_finished",
@@ -72,19 +74,43 @@ def fresh_database(prefix: str) -> Iterator[str]:
 
 
 @contextmanager
-def private_redis() -> Iterator[str]:
+def private_redis_server() -> Iterator[RedisServer]:
     """A redis-server of this run's own (``tests.servers.RedisServer``), stopped afterwards.
 
     Test sessions take databases of the shared Redis by process id, so a benchmark there could take their messages
-    and they its: a broker of its own is the only queue nobody else consumes.
+    and they its: a broker of its own is the only queue nobody else consumes (and its CPU time is the run's alone).
     """
     with tempfile.TemporaryDirectory(prefix="umiq-bench-redis-") as folder:
         server = RedisServer(Path(folder))
         server.start()
         try:
-            yield server.url
+            yield server
         finally:
             server.stop()
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """:func:`private_redis_server`'s URL."""
+    with private_redis_server() as server:
+        yield server.url
+
+
+def postgres_cpu_seconds() -> float:
+    """User plus system CPU time of every Postgres server process (backends, WAL writer, checkpointer) alive now.
+
+    The server is shared: other clients' work on the machine (other test sessions) counts too, and a backend that
+    exits between two readings takes its time with it. A rough figure, beside the pools' exact ones.
+    """
+    total = 0.0
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith("postgres"):
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
 
 
 def bench_settings(database_url: str, broker_url: str, home: Path, env: Mapping[str, str] | None = None) -> Settings:

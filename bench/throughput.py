@@ -1,7 +1,7 @@
 """Role throughput: umiq's batched pools against the reference's one-trajectory-at-a-time loop, same model, one run.
 
 Both sides run SmolLM2-135M ("smollm2-135m", greedy) on the same BFCL ``multi_turn_base`` trajectories (the
-cheapest entries, ``orchestrator.demo.pick_entries``), first user turn only, with the same budgets: planner steps
+cheapest entries, ``orchestrator.bfcl_tasks.pick_entries``), first user turn only, with the same budgets: planner steps
 per turn (``--steps``), new tokens per step (``--max-new-tokens``) and tool descriptions cut to
 ``--description-chars`` in prompts. Prompts come from ``orchestrator.protocol`` and tools run through
 ``workers.tools.registry.execute`` on both sides.
@@ -59,7 +59,7 @@ from bench.stack import (
 from orchestrator import engine as engine_ops
 from orchestrator import machine as state_machine
 from orchestrator import protocol
-from orchestrator.demo import bfcl_task, pick_entries
+from orchestrator.bfcl_tasks import bfcl_task, pick_entries
 from orchestrator.protocol import Message, ModelRole, Speaker
 from orchestrator.schemas import TaskSpec
 from orchestrator.settings import DEFAULT_MODEL, get_settings

@@ -17,6 +17,7 @@ import structlog
 import typer
 from rich.console import Console
 
+from orchestrator.eval_cli import eval_app
 from orchestrator.logs import setup_logging
 from orchestrator.settings import get_settings
 from orchestrator.store import get_engine, migrate
@@ -30,6 +31,7 @@ models_app = typer.Typer(help="The model registry: versions, promotion, rollback
 app.add_typer(models_app, name="models")
 keys_app = typer.Typer(help="API keys of the HTTP API: create (shown once), list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 POOLS = ("planner", "caller", "summarizer", "tools", "orchestrator", "training")
@@ -393,7 +395,7 @@ def submit(
     from orchestrator.schemas import TaskSpec
 
     if bfcl:
-        from orchestrator.demo import bfcl_task
+        from orchestrator.bfcl_tasks import bfcl_task
 
         spec = bfcl_task(bfcl)
     else:

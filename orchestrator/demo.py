@@ -10,101 +10,41 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 from rich.console import Console
 from sqlmodel import select
 
+from orchestrator.bfcl_tasks import bfcl_task, judge, pick_entries
 from orchestrator.client import Client
-from orchestrator.schemas import TaskOptions, TaskSpec, TaskView
+from orchestrator.schemas import TaskView
 from orchestrator.settings import Settings
 from orchestrator.showing import print_summary, print_task
-from orchestrator.store import Task, ToolCall, ToolCatalog, Trajectory, get_engine, migrate, session_scope
+from orchestrator.store import ToolCatalog, get_engine, migrate, session_scope
 
-__all__ = ["bfcl_task", "pick_entries", "judge", "pools", "run_demo"]
+__all__ = ["POOL_NAMES", "pools", "run_demo", "wait_for_catalog"]
 
 POOL_NAMES = ("tools", "orchestrator", "planner", "caller", "summarizer")
 
 
-def _entry(entry_id: str) -> dict[str, Any]:
-    from workers.tools import bfcl
-
-    category = entry_id.rsplit("_", 1)[0]
-    for entry in bfcl.load_entries(category):
-        if entry["id"] == entry_id:
-            return entry
-    raise KeyError(f"no BFCL entry {entry_id!r} in {category}")
-
-
-def bfcl_task(entry_id: str, *, n_turns: int | None = None, steps_per_turn: int | None = None) -> TaskSpec:
-    """A BFCL multi-turn entry as a umiq task, optionally cut to its first ``n_turns`` turns."""
-    from workers.tools import bfcl
-
-    task = bfcl.entry_task(_entry(entry_id))
-    return TaskSpec(
-        turns=task["turns"][:n_turns],
-        tools=task["toolsets"],
-        initial_config=task["initial_config"],
-        options=TaskOptions(max_steps_per_turn=steps_per_turn),
-        meta={"bfcl_id": task["bfcl_id"], "category": task["category"]},
-    )
-
-
-def pick_entries(n: int) -> list[str]:
-    """The cheapest entries to run on a CPU: one tool class with short docs, few ground-truth calls in turn one."""
-    from workers.tools import bfcl
-    from workers.tools.registry import get_toolset
-
-    def cost(entry: dict[str, Any]) -> tuple[int, int, int]:
-        classes = entry["involved_classes"]
-        doc_chars = sum(len(str(spec)) for name in classes for spec in get_toolset(name).specs())
-        return len(classes), doc_chars, len(entry["ground_truth"][0])
-
-    entries = sorted(bfcl.load_entries("multi_turn_base"), key=cost)
-    return [entry["id"] for entry in entries[:n]]
-
-
-def judge(engine: sa.Engine, task_id: str) -> dict[str, Any] | None:
-    """Run BFCL's own multi-turn checker on the calls the trajectory made, and store its verdict."""
-    from workers.tools import bfcl
-
-    with session_scope(engine) as session:
-        task = session.get(Task, task_id)
-        entry_id = (task.meta or {}).get("bfcl_id") if task else None
-        if not entry_id:
-            return None
-        trajectory = session.exec(select(Trajectory).where(Trajectory.task_id == task_id)).one()
-        calls = session.exec(
-            select(ToolCall).where(ToolCall.trajectory_id == trajectory.id, ToolCall.hallucinated == False).order_by(ToolCall.id)  # noqa: E712
-        ).all()
-        per_turn: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-        for call in calls:
-            per_turn[call.turn].append((call.tool, call.arguments))
-        entry = _entry(entry_id)
-        n = len(task.turns)
-        cut = {**entry, "question": entry["question"][:n], "ground_truth": entry["ground_truth"][:n]}
-        verdict = bfcl.check_entry(cut, [per_turn[t] for t in range(n)])
-        trajectory.verdict = {"valid": bool(verdict["valid"]), "error_type": verdict.get("error_type")}
-        session.add(trajectory)
-        return trajectory.verdict
-
-
 @contextmanager
-def pools(settings: Settings, log_dir: Path, max_new_tokens: int) -> Iterator[list[subprocess.Popen]]:
+def pools(
+    settings: Settings, log_dir: Path, max_new_tokens: int, env: Mapping[str, str] | None = None
+) -> Iterator[list[subprocess.Popen]]:
     """Start one process per pool (their logs go to files) and stop them all on exit.
 
     Unless the user set them, the role pools generate at most ``max_new_tokens`` per step: on a CPU every token
-    counts, and an untrained backbone rambles.
+    counts, and an untrained backbone rambles. ``env`` overrides the pools' environment on top of this process's,
+    e.g. ``UMIQ_PLANNER__MODEL`` to serve a given model in one role.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "UMIQ_HOME": str(settings.home)}
+    environment = {**os.environ, "UMIQ_HOME": str(settings.home)}
     for role in ("PLANNER", "CALLER", "SUMMARIZER"):
-        env.setdefault(f"UMIQ_{role}__MAX_NEW_TOKENS", str(max_new_tokens))
+        environment.setdefault(f"UMIQ_{role}__MAX_NEW_TOKENS", str(max_new_tokens))
+    environment.update(env or {})
     procs = []
     for name in POOL_NAMES:
         log = (log_dir / f"{name}.log").open("w")
@@ -113,7 +53,7 @@ def pools(settings: Settings, log_dir: Path, max_new_tokens: int) -> Iterator[li
                 [sys.executable, "-m", "orchestrator.cli", "worker", name, "--concurrency", "2"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=environment,
             )
         )
     try:
@@ -128,7 +68,8 @@ def pools(settings: Settings, log_dir: Path, max_new_tokens: int) -> Iterator[li
                 proc.kill()
 
 
-def _wait_for_catalog(engine: sa.Engine, names: list[str], procs: list[subprocess.Popen], timeout: float) -> None:
+def wait_for_catalog(engine: sa.Engine, names: list[str], procs: list[subprocess.Popen], timeout: float) -> None:
+    """Block until the tools pool has published ``names``; a pool that died at start fails at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dead = [POOL_NAMES[i] for i, p in enumerate(procs) if p.poll() is not None]
@@ -160,7 +101,7 @@ def run_demo(
     console.print(f"worker logs: {settings.home / 'logs'}; the first run converts SmolLM2 once (about 30 s)")
     client = Client(settings)
     with pools(settings, settings.home / "logs", max_new_tokens) as procs:
-        _wait_for_catalog(engine, sorted({t for s in specs for t in s.tools}), procs, timeout=180)
+        wait_for_catalog(engine, sorted({t for s in specs for t in s.tools}), procs, timeout=180)
         started = time.monotonic()
         ids = [client.submit(spec) for spec in specs]
         views: list[TaskView] = []

@@ -4,6 +4,13 @@ Postgres is the truth and a queue message only a hint. Each result is applied in
 trajectory row; a step that is no longer queued ignores further results (redelivery, a re-swept duplicate), and
 the next step's message is published only after the commit. A message lost after the commit is re-sent by
 :func:`sweep`.
+
+Steps and their trajectories are read as plain records (:class:`Record`) and written back with explicit SQLAlchemy
+Core statements built once at import, not through the ORM's unit of work: a result is one transaction of about
+eight statements (lock and load, history, the step's result, the new messages in one insert, the next step, the
+trajectory), and the ORM's change tracking, object construction and flush planning had cost about twice the CPU of
+those statements themselves. A record's attributes are the table's columns; changing one persists nothing by
+itself: the function that changes it writes it (:func:`_write_step_result`, :func:`_write_trajectory`, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeAlias
 
 import sqlalchemy as sa
 import structlog
@@ -20,7 +28,7 @@ from sqlmodel import Session, select
 from orchestrator import machine, protocol
 from orchestrator.logs import bind_step
 from orchestrator.protocol import ModelRole, ToolSpec
-from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name
+from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name, send
 from orchestrator.schemas import TaskSpec
 from orchestrator.settings import Settings
 from orchestrator.store import (
@@ -38,13 +46,122 @@ from orchestrator.store import (
     utcnow,
 )
 
-__all__ = ["UnknownToolSet", "NotFound", "TooManyTurns", "add_feedback", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
+__all__ = ["UnknownToolSet", "UnknownTool", "NotFound", "TooManyTurns", "add_feedback", "Outbound", "submit", "append_turn", "handle_result", "sweep", "publish"]
 
 log = structlog.get_logger(__name__)
+
+Executor: TypeAlias = "sa.Connection | Session"
+"""Where the step functions run their statements: the hot path's Core connection, or submit's ORM session."""
+
+_TASK, _TRAJECTORY, _STEP, _MESSAGE, _TOOLCALL = (
+    Task.__table__, Trajectory.__table__, Step.__table__, Message.__table__, ToolCall.__table__  # type: ignore[attr-defined]
+)
+
+
+class Record(SimpleNamespace):
+    """One row as a plain mutable object (attribute per loaded column), for the engine's hot path; see the module doc."""
+
+
+_LOADED: dict[sa.Table, tuple[str, ...]] = {
+    _STEP: ("id", "trajectory_id", "seq", "turn", "kind", "status", "attempt", "request", "error", "dispatched_at"),
+    _TRAJECTORY: (
+        "id", "task_id", "status", "turn", "planner_steps", "turn_planner_steps", "next_seq", "tool_specs", "outcomes",
+        "failure", "updated_at", "finished_at",
+    ),
+    _TASK: ("id", "turns", "toolsets", "initial_config", "options"),
+}
+"""The columns a result needs, not whole rows: every column selected costs the driver a column description and a
+conversion per row (the load had been a tenth of the handler's database CPU with all 49). A record has only these
+attributes, so code reading another one fails at once rather than seeing a stale value; add it here."""
+
+_UNSET_RESULT = dict.fromkeys(
+    ("raw_text", "parsed", "parse_error", "tokens_in", "tokens_out", "latency_ms", "batch_size", "model_version", "worker", "finished_at")
+)
+"""What a queued step has stored of a result: nothing (a result is written only when the step stops being queued)."""
+
+
+def _records(row: sa.Row[Any]) -> tuple[Record, Record, Record]:
+    """Split a row of :data:`_LOAD_FOR_RESULT` into the step, trajectory and task records."""
+    mapping = row._mapping
+    step, trajectory, task = (Record(**{name: mapping[f"{t.name}_{name}"] for name in names}) for t, names in _LOADED.items())
+    step.__dict__.update(_UNSET_RESULT)
+    return step, trajectory, task
+
+
+_LOAD_FOR_RESULT = (
+    sa.select(*[t.c[name].label(f"{t.name}_{name}") for t, names in _LOADED.items() for name in names])
+    .join_from(_STEP, _TRAJECTORY, _TRAJECTORY.c.id == _STEP.c.trajectory_id)
+    .join(_TASK, _TASK.c.id == _TRAJECTORY.c.task_id)
+    .where(_STEP.c.id == sa.bindparam("step_id"))
+    .with_for_update(of=[_STEP, _TRAJECTORY])
+)
+"""One round trip loads the step, its trajectory and its task, and locks the step and the trajectory."""
+
+_HISTORY = (
+    sa.select(_MESSAGE.c.speaker, _MESSAGE.c.content)
+    .where(_MESSAGE.c.trajectory_id == sa.bindparam("trajectory_id"))
+    .order_by(_MESSAGE.c.seq)
+)
+_INSERT_MESSAGES = sa.insert(_MESSAGE)
+_INSERT_STEP = sa.insert(_STEP)
+_REDISPATCH = (
+    sa.update(_STEP)
+    .where(_STEP.c.id == sa.bindparam("step_id"))
+    .values(attempt=sa.bindparam("attempt"), error=sa.bindparam("error"), dispatched_at=sa.bindparam("dispatched_at"))
+)
+_STEP_RESULT_COLUMNS = (
+    "status", "raw_text", "parsed", "parse_error", "error", "tokens_in", "tokens_out", "latency_ms", "batch_size",
+    "model_version", "worker", "finished_at",
+)
+_WRITE_STEP_RESULT = (
+    sa.update(_STEP)
+    .where(_STEP.c.id == sa.bindparam("step_id"))
+    .values({name: sa.bindparam(name) for name in _STEP_RESULT_COLUMNS})
+)
+_TRAJECTORY_STATE_COLUMNS = (
+    "status", "turn", "planner_steps", "turn_planner_steps", "next_seq", "outcomes", "failure", "updated_at", "finished_at",
+)
+_WRITE_TRAJECTORY = (
+    sa.update(_TRAJECTORY)
+    .where(_TRAJECTORY.c.id == sa.bindparam("trajectory_id"))
+    .values({name: sa.bindparam(name) for name in _TRAJECTORY_STATE_COLUMNS})
+)
+_PAST_CALLS = (
+    sa.select(_TOOLCALL.c.tool, _TOOLCALL.c.arguments)
+    .where(
+        _TOOLCALL.c.trajectory_id == sa.bindparam("trajectory_id"),
+        _TOOLCALL.c.hallucinated == sa.false(),
+        _TOOLCALL.c.observation.is_not(None),
+        _TOOLCALL.c.tool_step_id != sa.bindparam("step_id"),
+    )
+    .order_by(_TOOLCALL.c.id)
+)
+_TOOL_OBSERVED = (
+    sa.update(_TOOLCALL)
+    .where(_TOOLCALL.c.tool_step_id == sa.bindparam("step_id"))
+    .values(observation=sa.bindparam("observation"), error=sa.bindparam("error"))
+)
+_INSERT_TOOLCALL = sa.insert(_TOOLCALL)
+
+
+def _write_step_result(conn: Executor, step: Record) -> None:
+    """Persist what :func:`_record`, :func:`_transition` and :func:`_fail_step` set on a step record."""
+    conn.execute(_WRITE_STEP_RESULT, {"step_id": step.id, **{name: getattr(step, name) for name in _STEP_RESULT_COLUMNS}})
+
+
+def _write_trajectory(conn: Executor, trajectory: Record) -> None:
+    """Persist a trajectory record's state (status, turn, budgets, next seq, outcomes, failure, times)."""
+    conn.execute(
+        _WRITE_TRAJECTORY, {"trajectory_id": trajectory.id, **{name: getattr(trajectory, name) for name in _TRAJECTORY_STATE_COLUMNS}}
+    )
 
 
 class UnknownToolSet(ValueError):
     """A task named a tool set no tool pool has published."""
+
+
+class UnknownTool(UnknownToolSet):
+    """A task withheld a tool that none of its tool sets has (so withholding it would silently do nothing)."""
 
 
 class NotFound(LookupError):
@@ -79,7 +196,7 @@ def publish(messages: Sequence[Outbound], engine: sa.Engine | None = None) -> No
     unsent: list[int] = []
     for message in messages:
         try:
-            app.send_task(message.task_name, kwargs=message.kwargs, expires=message.expires_s)
+            send(message.task_name, message.kwargs, expires=message.expires_s)
         except Exception as exc:  # broker down: the sweeper re-sends from the store
             log.warning("step.publish_failed", step_id=message.kwargs.get("step_id"), error=repr(exc))
             unsent.append(message.kwargs["step_id"])
@@ -107,17 +224,31 @@ def _catalog_specs(session: Session, names: Sequence[str]) -> list[dict[str, Any
     return [spec for name in names for spec in rows[name].specs]
 
 
+def _check_withheld(spec: TaskSpec, tool_specs: Sequence[dict[str, Any]]) -> None:
+    unknown = sorted(set(spec.options.tools_withheld_until) - {tool["name"] for tool in tool_specs})
+    if unknown:
+        raise UnknownTool(f"withheld tool(s) not in the task's tool sets {', '.join(spec.tools) or '(none)'}: {', '.join(unknown)}")
+
+
+def _visible_specs(task: Task, trajectory: Trajectory, turn: int) -> list[dict[str, Any]]:
+    """The tool specs the models may see in ``turn``: a tool withheld until a later turn is left out of the prompts
+    and out of the names a call may use, so calling it early is a hallucinated call that runs nothing."""
+    withheld: dict[str, int] = task.options.get("tools_withheld_until", {})
+    return [spec for spec in trajectory.tool_specs if withheld.get(spec["name"], 0) <= turn]
+
+
 def submit(engine: sa.Engine, spec: TaskSpec, settings: Settings, *, owner: str | None = None) -> Task:
     """Store the task, its trajectory, the first user message and the first planner step; then publish that step."""
     _check_turns(len(spec.turns), settings)
     with session_scope(engine) as session:
         specs = _catalog_specs(session, spec.tools)
+        _check_withheld(spec, specs)
         task = Task(
             owner=owner,
             turns=list(spec.turns),
             toolsets=list(spec.tools),
             initial_config=spec.initial_config,
-            options=spec.options.model_dump(exclude_none=True),
+            options=spec.options.model_dump(exclude_defaults=True),
             meta=spec.meta,
         )
         session.add(task)
@@ -184,55 +315,78 @@ def _latest_trajectory(session: Session, task_id: str, *, lock: bool = False) ->
 # ------------------------------------------------------------------------------------------------- step creation
 
 
+def _message_rows(
+    trajectory: Trajectory | Record,
+    transcript: list[protocol.Message],
+    messages: Sequence[protocol.Message],
+    step_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """Append to the trajectory's history; ``transcript`` is that history as loaded in this transaction.
+
+    Its length is the next message's seq and it is kept up to date, so the hot path neither counts nor re-reads rows
+    (the trajectory row is locked, so nobody else appends meanwhile). Returns the rows for :func:`_insert_messages`.
+    """
+    rows = []
+    now = utcnow()
+    for message in messages:
+        rows.append(
+            {
+                "trajectory_id": trajectory.id,
+                "seq": len(transcript),
+                "turn": trajectory.turn,
+                "speaker": message.speaker.value,
+                "content": message.content,
+                "step_id": step_id,
+                "created_at": now,
+            }
+        )
+        transcript.append(message)
+    return rows
+
+
+def _insert_messages(conn: Executor, rows: list[dict[str, Any]]) -> None:
+    """All of a result's new messages in one statement (an executemany, which psycopg pipelines into one round trip)."""
+    if rows:
+        conn.execute(_INSERT_MESSAGES, rows)
+
+
 def _add_messages(
-    session: Session,
-    trajectory: Trajectory,
+    conn: Executor,
+    trajectory: Trajectory | Record,
     transcript: list[protocol.Message],
     messages: Sequence[protocol.Message],
     step_id: int | None = None,
 ) -> None:
-    """Append to the trajectory's history; ``transcript`` is that history as loaded in this transaction.
-
-    Its length is the next message's seq and it is kept up to date, so the hot path neither counts nor re-reads rows
-    (the trajectory row is locked, so nobody else appends meanwhile). The rows are written with the next flush.
-    """
-    for message in messages:
-        session.add(
-            Message(
-                trajectory_id=trajectory.id,
-                seq=len(transcript),
-                turn=trajectory.turn,
-                speaker=message.speaker.value,
-                content=message.content,
-                step_id=step_id,
-            )
-        )
-        transcript.append(message)
+    _insert_messages(conn, _message_rows(trajectory, transcript, messages, step_id))
 
 
-def history(session: Session, trajectory_id: str) -> list[protocol.Message]:
+def history(conn: Executor, trajectory_id: str) -> list[protocol.Message]:
     """The trajectory's messages in order; two columns, not whole rows, since this runs for every result."""
-    rows = session.exec(
-        select(Message.speaker, Message.content).where(Message.trajectory_id == trajectory_id).order_by(Message.seq)
-    ).all()
+    rows = conn.execute(_HISTORY, {"trajectory_id": trajectory_id}).all()
     return [protocol.Message(protocol.Speaker(speaker), content) for speaker, content in rows]
 
 
 def _create_step(
-    session: Session,
-    task: Task,
-    trajectory: Trajectory,
+    conn: Executor,
+    task: Task | Record,
+    trajectory: Trajectory | Record,
     kind: StepKind,
     request: dict[str, Any],
     settings: Settings,
     transcript: list[protocol.Message],
 ) -> Outbound:
-    step = Step(
+    """A new queued step, inserted by :func:`_dispatch`; advances the trajectory's counters, which its caller writes
+    (an ORM trajectory in submit and append_turn with their flush, a record with :func:`_write_trajectory`)."""
+    step = Record(
+        id=None,
         trajectory_id=trajectory.id,
         seq=trajectory.next_seq,
         turn=trajectory.turn,
         kind=kind,
+        status=StepStatus.QUEUED,
+        attempt=0,
         request=request,
+        error=None,
         idempotency_key=f"{trajectory.id}/{trajectory.next_seq}",
     )
     trajectory.next_seq += 1
@@ -240,37 +394,53 @@ def _create_step(
         trajectory.planner_steps += 1
         trajectory.turn_planner_steps += 1
     trajectory.updated_at = utcnow()
-    session.add(step)
-    session.add(trajectory)
-    return _dispatch(session, task, trajectory, step, settings, transcript)
+    return _dispatch(conn, task, trajectory, step, settings, transcript)
 
 
 def _dispatch(
-    session: Session,
-    task: Task,
-    trajectory: Trajectory,
-    step: Step,
+    conn: Executor,
+    task: Task | Record,
+    trajectory: Trajectory | Record,
+    step: Record,
     settings: Settings,
     transcript: list[protocol.Message] | None = None,
 ) -> Outbound:
     """Build the message for a step from the stored state; the same function re-sends a step the broker lost.
 
-    One flush writes everything pending (a new step is inserted with its dispatch time, which gives it its id).
+    A new step is inserted with its dispatch time (which gives it its id); a re-sent one gets its new dispatch time,
+    attempt and error written.
     """
     step.dispatched_at = utcnow()
-    session.add(step)
-    session.flush()
+    if step.id is None:
+        step.id = conn.execute(
+            _INSERT_STEP,
+            {
+                "trajectory_id": step.trajectory_id,
+                "seq": step.seq,
+                "turn": step.turn,
+                "kind": step.kind,
+                "status": step.status,
+                "idempotency_key": step.idempotency_key,
+                "attempt": step.attempt,
+                "request": step.request,
+                "created_at": step.dispatched_at,
+                "dispatched_at": step.dispatched_at,
+            },
+        ).inserted_primary_key[0]
+    else:
+        conn.execute(_REDISPATCH, {"step_id": step.id, "attempt": step.attempt, "error": step.error, "dispatched_at": step.dispatched_at})
     base = {"step_id": step.id, "attempt": step.attempt, "trajectory_id": trajectory.id, "turn": step.turn, "seq": step.seq}
     expires = app.conf.broker_transport_options.get("visibility_timeout")
     if step.kind == StepKind.TOOL:
-        return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(session, task, trajectory, step, settings)}, expires)
+        return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(conn, task, trajectory, step, settings)}, expires)
     role = ModelRole(step.kind)
-    payload = {**base, **_model_payload(session, trajectory, step, role, settings, transcript)}
+    payload = {**base, **_model_payload(conn, task, trajectory, step, role, settings, transcript)}
     return Outbound(generate_task_name(role.value), payload, expires)
 
 
 def _model_payload(
-    session: Session,
+    conn: Executor,
+    task: Task,
     trajectory: Trajectory,
     step: Step,
     role: ModelRole,
@@ -278,8 +448,8 @@ def _model_payload(
     transcript: list[protocol.Message] | None,
 ) -> dict[str, Any]:
     compat = settings.prompt_mode == "compat"
-    tools = [ToolSpec.from_dict(spec) for spec in trajectory.tool_specs]
-    messages = transcript if transcript is not None else history(session, trajectory.id)
+    tools = [ToolSpec.from_dict(spec) for spec in _visible_specs(task, trajectory, step.turn)]
+    messages = transcript if transcript is not None else history(conn, trajectory.id)
     chars = settings.doc_description_chars
     if role is ModelRole.PLANNER:
         prompt = protocol.render_planner(tools, messages, compat=compat, description_chars=chars)
@@ -291,17 +461,12 @@ def _model_payload(
     return {"prompt": prompt, "stop": protocol.stop_strings(role, compat=compat)}
 
 
-def _tool_payload(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> dict[str, Any]:
-    executed = session.exec(
-        select(ToolCall)
-        .where(ToolCall.trajectory_id == trajectory.id, ToolCall.hallucinated == False, ToolCall.observation != None)  # noqa: E711,E712
-        .where(ToolCall.tool_step_id != step.id)
-        .order_by(ToolCall.id)
-    ).all()
+def _tool_payload(conn: Executor, task: Task | Record, trajectory: Trajectory | Record, step: Record, settings: Settings) -> dict[str, Any]:
+    executed = conn.execute(_PAST_CALLS, {"trajectory_id": trajectory.id, "step_id": step.id}).all()
     return {
         "toolsets": task.toolsets,
         "config": task.initial_config,
-        "past_calls": [[call.tool, call.arguments] for call in executed],
+        "past_calls": [[tool, arguments] for tool, arguments in executed],
         "tool": step.request["tool"],
         "arguments": step.request["arguments"],
         "max_chars": settings.observation_chars,
@@ -319,7 +484,7 @@ def _state(task: Task, trajectory: Trajectory, settings: Settings) -> machine.St
         turn_planner_steps=trajectory.turn_planner_steps,
         max_steps_per_turn=task.options.get("max_steps_per_turn", settings.max_steps_per_turn),
         max_steps=task.options.get("max_steps", settings.max_steps_per_trajectory),
-        tool_names=frozenset(spec["name"] for spec in trajectory.tool_specs),
+        tool_names=frozenset(spec["name"] for spec in _visible_specs(task, trajectory, trajectory.turn)),
     )
 
 
@@ -335,7 +500,7 @@ def _record(step: Step, result: dict[str, Any]) -> None:
     step.status = StepStatus.DONE
 
 
-def _transition(session: Session, task: Task, trajectory: Trajectory, step: Step, settings: Settings) -> machine.Transition:
+def _transition(conn: Executor, task: Record, trajectory: Record, step: Record, settings: Settings) -> machine.Transition:
     """Parse the step's raw text with the protocol and ask the state machine what follows."""
     state = _state(task, trajectory, settings)
     text = step.raw_text or ""
@@ -358,27 +523,23 @@ def _transition(session: Session, task: Task, trajectory: Trajectory, step: Step
 
 
 def _apply(
-    session: Session, task: Task, trajectory: Trajectory, step: Step, result: dict[str, Any], settings: Settings
+    conn: Executor, task: Record, trajectory: Record, step: Record, result: dict[str, Any], settings: Settings
 ) -> list[Outbound]:
-    """Store the step's outcome and create the next step; statements are batched into as few flushes as possible."""
-    transition = _transition(session, task, trajectory, step, settings)
-    session.add(step)
-    transcript = history(session, trajectory.id)
-    _add_messages(session, trajectory, transcript, transition.messages, step.id)
+    """Store the step's outcome and create the next step: one statement per table touched, messages in one insert."""
+    transition = _transition(conn, task, trajectory, step, settings)
+    _write_step_result(conn, step)
+    transcript = history(conn, trajectory.id)
+    rows = _message_rows(trajectory, transcript, transition.messages, step.id)
     if step.kind == StepKind.TOOL:
-        session.execute(
-            sa.update(ToolCall)
-            .where(ToolCall.tool_step_id == step.id)
-            .values(observation=step.raw_text, error=result.get("error"))
-            .execution_options(synchronize_session=False)
-        )
+        conn.execute(_TOOL_OBSERVED, {"step_id": step.id, "observation": step.raw_text, "error": result.get("error")})
     if transition.outcome is not None:
         trajectory.outcomes = [*trajectory.outcomes, transition.outcome]
     if transition.next_user is not None:
         trajectory.turn += 1
         trajectory.turn_planner_steps = 0
-        _add_messages(session, trajectory, transcript, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
-    trajectory.updated_at = utcnow()  # before the next step's flush, which then writes the trajectory once
+        rows += _message_rows(trajectory, transcript, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
+    _insert_messages(conn, rows)
+    trajectory.updated_at = utcnow()
     outbound: list[Outbound] = []
     if transition.finish is not None:
         trajectory.status = transition.finish
@@ -386,80 +547,83 @@ def _apply(
         trajectory.finished_at = utcnow()
     elif transition.next_kind is not None:
         outbound.append(
-            _create_step(session, task, trajectory, transition.next_kind, transition.next_request, settings, transcript)
+            _create_step(conn, task, trajectory, transition.next_kind, transition.next_request, settings, transcript)
         )
     if transition.call is not None:
         tool, arguments = transition.call
         tool_step_id = outbound[0].kwargs["step_id"] if transition.next_kind == StepKind.TOOL else None
         observation = transition.messages[-1].content if transition.hallucinated else None
-        session.add(
-            ToolCall(
-                trajectory_id=trajectory.id,
-                turn=step.turn,
-                caller_step_id=step.id,
-                tool_step_id=tool_step_id,
-                tool=tool,
-                arguments=arguments,
-                hallucinated=transition.hallucinated,
-                observation=observation,
-            )
+        conn.execute(
+            _INSERT_TOOLCALL,
+            {
+                "trajectory_id": trajectory.id,
+                "turn": step.turn,
+                "caller_step_id": step.id,
+                "tool_step_id": tool_step_id,
+                "tool": tool,
+                "arguments": arguments,
+                "hallucinated": transition.hallucinated,
+                "observation": observation,
+                "error": None,
+                "created_at": utcnow(),
+            },
         )
-    session.add(trajectory)
+    _write_trajectory(conn, trajectory)
     return outbound
 
 
-def _fail_step(session: Session, task: Task, trajectory: Trajectory, step: Step, error: str, settings: Settings) -> list[Outbound]:
+def _fail_step(conn: Executor, task: Record, trajectory: Record, step: Record, error: str, settings: Settings) -> list[Outbound]:
     """A step whose pool reported an error is retried until ``max_attempts``, then dead-lettered with its trajectory."""
     if step.attempt + 1 < settings.max_attempts:
         step.attempt += 1
         step.error = error
-        return [_dispatch(session, task, trajectory, step, settings)]
+        return [_dispatch(conn, task, trajectory, step, settings)]
     step.status = StepStatus.DEAD
     step.error = error
     step.finished_at = utcnow()
-    session.add(step)
+    _write_step_result(conn, step)
     trajectory.status = TrajectoryStatus.FAILED
     trajectory.failure = f"step {step.seq} ({step.kind}) dead after {step.attempt + 1} attempts: {error}"
     trajectory.finished_at = utcnow()
-    session.add(trajectory)
+    _write_trajectory(conn, trajectory)
     log.error("step.dead", error=error, attempts=step.attempt + 1)
     return []
 
 
 def handle_result(engine: sa.Engine, step_id: int, result: dict[str, Any], settings: Settings) -> None:
-    """Apply one pool's result exactly once: the first result for a queued step wins, later copies are ignored."""
-    with session_scope(engine) as session:
-        # One round trip loads the three rows and locks the step and its trajectory.
-        row = session.exec(
-            select(Step, Trajectory, Task)
-            .join(Trajectory, Trajectory.id == Step.trajectory_id)
-            .join(Task, Task.id == Trajectory.task_id)
-            .where(Step.id == step_id)
-            .with_for_update(of=[Step, Trajectory])
-        ).one_or_none()
+    """Apply one pool's result exactly once: the first result for a queued step wins, later copies are ignored.
+
+    ``step.applied`` is logged after the commit and the publish, not before: rendering it is a few tenths of a
+    millisecond that the next step's message no longer waits for.
+    """
+    with engine.begin() as conn:
+        row = conn.execute(_LOAD_FOR_RESULT, {"step_id": step_id}).one_or_none()
         if row is None:
             log.warning("step.unknown", step_id=step_id)
             return
-        step, trajectory, task = row
-        with bind_step(trajectory.id, step.turn, step.seq, step.kind):
-            if step.status != StepStatus.QUEUED or trajectory.status != TrajectoryStatus.RUNNING:
+        step, trajectory, task = _records(row)
+        ids = (trajectory.id, step.turn, step.seq, step.kind)
+        if step.status != StepStatus.QUEUED or trajectory.status != TrajectoryStatus.RUNNING:
+            with bind_step(*ids):
                 log.info("step.duplicate_result", status=step.status)
-                return
+            return
+        with bind_step(*ids):  # what the state machine and the store log (step.dead) carries the step's ids too
             if result.get("error") and step.kind != StepKind.TOOL:
-                outbound = _fail_step(session, task, trajectory, step, str(result["error"]), settings)
+                outbound = _fail_step(conn, task, trajectory, step, str(result["error"]), settings)
             else:
                 _record(step, result)
-                outbound = _apply(session, task, trajectory, step, result, settings)
-            log.info(
-                "step.applied",
-                tokens_in=step.tokens_in,
-                tokens_out=step.tokens_out,
-                latency_ms=step.latency_ms,
-                parse_error=step.parse_error,
-                next=[o.task_name for o in outbound],
-                trajectory_status=trajectory.status,
-            )
+                outbound = _apply(conn, task, trajectory, step, result, settings)
     publish(outbound, engine)
+    with bind_step(*ids):
+        log.info(
+            "step.applied",
+            tokens_in=step.tokens_in,
+            tokens_out=step.tokens_out,
+            latency_ms=step.latency_ms,
+            parse_error=step.parse_error,
+            next=[o.task_name for o in outbound],
+            trajectory_status=trajectory.status,
+        )
 
 
 @dataclass(frozen=True)
@@ -489,7 +653,7 @@ def _broker_view() -> _BrokerView:
     return _BrokerView(utcnow() - timedelta(seconds=info["uptime_in_seconds"]) if forgetful else None, waiting)
 
 
-def _not_the_steps_fault(step: Step, broker: _BrokerView) -> str | None:
+def _not_the_steps_fault(step: Record, broker: _BrokerView) -> str | None:
     """Why a step's message is gone through no fault of the step, or None when a worker took it and never answered."""
     if step.dispatched_at is None:
         return "never reached the broker"
@@ -516,35 +680,36 @@ def sweep(engine: sa.Engine, settings: Settings, *, older_than_s: float | None =
     older = older_than_s if older_than_s is not None else settings.resolved_sweep_after_s
     horizon = utcnow() - timedelta(seconds=older)
     broker = _broker_view()
-    gone = (Step.dispatched_at == None) | (Step.dispatched_at < horizon)  # noqa: E711
+    dispatched_at = _STEP.c.dispatched_at
+    gone = (dispatched_at == None) | (dispatched_at < horizon)  # noqa: E711
     if broker.started_at is not None:
-        gone = gone | (Step.dispatched_at < broker.started_at)
+        gone = gone | (dispatched_at < broker.started_at)
     outbound: list[Outbound] = []
     handled = 0
-    with session_scope(engine) as session:
-        stale = session.exec(
-            select(Step)
-            .join(Trajectory, Trajectory.id == Step.trajectory_id)
-            .where(Step.status == StepStatus.QUEUED, Trajectory.status == TrajectoryStatus.RUNNING)
+    with engine.begin() as conn:
+        # FOR UPDATE without OF locks the trajectory rows too: a trajectory whose result is being applied is skipped.
+        stale = conn.execute(
+            sa.select(_STEP.c.id)
+            .join_from(_STEP, _TRAJECTORY, _TRAJECTORY.c.id == _STEP.c.trajectory_id)
+            .where(_STEP.c.status == StepStatus.QUEUED, _TRAJECTORY.c.status == TrajectoryStatus.RUNNING)
             .where(gone)
-            .order_by(Step.dispatched_at)
+            .order_by(dispatched_at)
             .with_for_update(skip_locked=True)
-        ).all()
+        ).scalars().all()
         suspects_out = set(
-            session.exec(
-                select(Step.kind)
-                .where(Step.status == StepStatus.QUEUED, Step.attempt >= 1, Step.dispatched_at >= horizon)
+            conn.execute(
+                sa.select(_STEP.c.kind)
+                .where(_STEP.c.status == StepStatus.QUEUED, _STEP.c.attempt >= 1, dispatched_at >= horizon)
                 .distinct()
-            ).all()
+            ).scalars().all()
         )
-        for step in stale:
-            trajectory = session.get(Trajectory, step.trajectory_id)
-            task = session.get(Task, trajectory.task_id)
+        for step_id in stale:
+            step, trajectory, task = _records(conn.execute(_LOAD_FOR_RESULT, {"step_id": step_id}).one())
             with bind_step(trajectory.id, step.turn, step.seq, step.kind):
                 reason = _not_the_steps_fault(step, broker)
                 if reason is not None:
                     log.warning("step.resent", attempt=step.attempt, reason=reason)
-                    outbound.append(_dispatch(session, task, trajectory, step, settings))
+                    outbound.append(_dispatch(conn, task, trajectory, step, settings))
                     handled += 1
                     continue
                 if step.attempt >= 1 and step.attempt + 1 < settings.max_attempts:
@@ -553,7 +718,7 @@ def sweep(engine: sa.Engine, settings: Settings, *, older_than_s: float | None =
                     suspects_out.add(step.kind)
                 log.warning("step.resent", attempt=step.attempt + 1, reason="no result")
                 error = f"no result {older:.0f} s after it was sent (its worker may have died on it); re-sent by the sweeper"
-                outbound.extend(_fail_step(session, task, trajectory, step, error, settings))
+                outbound.extend(_fail_step(conn, task, trajectory, step, error, settings))
                 handled += 1
     publish(outbound, engine)
     return handled

@@ -35,6 +35,7 @@ class State:
     max_steps_per_turn: int
     max_steps: int
     tool_names: frozenset[str]
+    """The tools shown to the models in this turn; a call to any other name is hallucinated and runs nothing."""
 
 
 @dataclass

@@ -10,19 +10,31 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-__all__ = ["Turn", "TaskOptions", "TaskSpec", "TurnSpec", "FeedbackSpec", "StepView", "MessageView", "TaskView"]
+__all__ = ["MAX_STEPS", "Turn", "TaskOptions", "TaskSpec", "TurnSpec", "FeedbackSpec", "StepView", "MessageView", "TaskView"]
 
 Turn = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
-ToolSetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")]
+_NAME = StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+ToolSetName = Annotated[str, _NAME]
+ToolName = Annotated[str, _NAME]
+
+MAX_STEPS = 1000
+"""The largest planner-step budget one trajectory may ask for."""
 
 
 class TaskOptions(BaseModel):
-    """Per-task overrides of the step budgets; unset means the server's settings."""
+    """Per-task overrides of the step budgets (unset means the server's settings), and tools revealed late."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_steps_per_turn: int | None = Field(None, ge=1, le=100)
-    max_steps: int | None = Field(None, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    tools_withheld_until: dict[ToolName, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="Tool name -> the first user turn (0-based) whose prompts list it. Before that turn the planner "
+        "and caller are not shown the tool and a call to it is answered as a call to a tool that does not exist "
+        "(BFCL's miss-function category: functions added in a later turn).",
+    )
 
 
 class TaskSpec(BaseModel):

@@ -21,12 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 POOLS = ("tools", "orchestrator", "planner", "caller", "summarizer")
 
 
-def scripted_roles() -> dict[str, str]:
-    """Environment that makes the three role pools answer from tests/scripted_roles.py."""
+def scripted_roles(module: str = "tests.scripted_roles") -> dict[str, str]:
+    """Environment that makes the three role pools answer from ``module``'s planner, caller and summarizer."""
     env = {}
     for role in ("planner", "caller", "summarizer"):
         env[f"UMIQ_{role.upper()}__BACKEND"] = "scripted"
-        env[f"UMIQ_{role.upper()}__MODEL"] = f"tests.scripted_roles:{role}"
+        env[f"UMIQ_{role.upper()}__MODEL"] = f"{module}:{role}"
     return env
 
 

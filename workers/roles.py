@@ -20,7 +20,7 @@ from celery.signals import worker_init, worker_process_init
 
 from orchestrator.logs import bind_step
 from orchestrator.protocol import ModelRole, Prompt
-from orchestrator.queues import STEP_RESULT, app, generate_task_name
+from orchestrator.queues import STEP_RESULT, app, generate_task_name, send
 from orchestrator.settings import REGISTRY, Settings, get_settings
 from orchestrator.store import ModelStatus, ModelVersion, get_engine, session_scope
 from workers.backends.base import Backend, GenerationRequest
@@ -146,14 +146,6 @@ def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq:
         batched = batcher().submit(request).result(timeout=settings.step_timeout_s)
         result = batched.result
         latency_ms = (time.perf_counter() - started) * 1000
-        log.info(
-            "step.generated",
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            latency_ms=round(latency_ms, 1),
-            batch_size=batched.batch_size,
-            error=result.error,
-        )
         payload = {
             "text": result.text,
             "tokens_in": result.tokens_in,
@@ -164,7 +156,16 @@ def _generate(role: ModelRole, step_id: int, trajectory_id: str, turn: int, seq:
             "worker": f"{role.value}@{socket.gethostname()}",
             "error": result.error,
         }
-        app.send_task(STEP_RESULT, kwargs={"step_id": step_id, "result": payload})
+        send(STEP_RESULT, {"step_id": step_id, "result": payload})
+        # Logged once the result is on its way: the orchestrator need not wait for the line to be rendered.
+        log.info(
+            "step.generated",
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            latency_ms=round(latency_ms, 1),
+            batch_size=batched.batch_size,
+            error=result.error,
+        )
 
 
 def _register(role: ModelRole) -> None:

@@ -25,7 +25,7 @@ from celery.signals import worker_process_init
 from sqlmodel import select
 
 from orchestrator.logs import bind_step
-from orchestrator.queues import EXECUTE_TOOL, STEP_RESULT, app
+from orchestrator.queues import EXECUTE_TOOL, STEP_RESULT, app, send
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import ToolCatalog, session_scope, utcnow
 from workers.tools.registry import execute, get_toolset, known_toolsets
@@ -125,6 +125,7 @@ def execute_tool(
         if limited is not None:
             content, error = json.dumps({"error": limited}), limited
         latency_ms = (time.perf_counter() - started) * 1000
-        log.info("tool.executed", tool=tool, error=error, latency_ms=round(latency_ms, 1))
         result = {"observation": content, "error": error, "latency_ms": latency_ms, "worker": f"tools@{socket.gethostname()}"}
-        app.send_task(STEP_RESULT, kwargs={"step_id": step_id, "result": result})
+        send(STEP_RESULT, {"step_id": step_id, "result": result})
+        # Logged once the observation is on its way: the orchestrator need not wait for the line to be rendered.
+        log.info("tool.executed", tool=tool, error=error, latency_ms=round(latency_ms, 1))
