@@ -168,7 +168,11 @@ def _arguments() -> argparse.Namespace:
 
 def reference_run(specs: list[TaskSpec], budget: Budget, model_cache: Path) -> _Run:
     """The three models in this process, one trajectory at a time, every step generated alone."""
-    models = {role: LocalBackend(DEFAULT_MODEL, cache_dir=model_cache, threads=budget.reference_threads) for role in ROLES}
+    # The reference has no prefix cache: every step prefills its whole prompt.
+    models = {
+        role: LocalBackend(DEFAULT_MODEL, cache_dir=model_cache, threads=budget.reference_threads, prefix_cache_mb=0)
+        for role in ROLES
+    }
     run = _Run()
     started = time.perf_counter()
     for spec in specs:

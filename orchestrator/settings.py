@@ -54,6 +54,12 @@ class RoleSettings(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads of a local model; unset keeps torch's default (one per core)."
     )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Local model: MB of prompt-prefix key/value states kept (LRU) so that prompts sharing a prefix "
+        "(system text, tool docs, a trajectory's history) prefill only the rest; 0 turns the prefix cache off.",
+    )
     url: str = Field("", description="Base URL of the inference server a 'remote' role sends its prompts to.")
     api: Literal["openai", "tgi"] = Field(
         "openai", description="How a remote role sends text prompts: OpenAI's /v1/completions or TGI's /generate."

@@ -17,7 +17,11 @@ def load_backend(role: RoleSettings, settings: Settings) -> Backend:
         from workers.backends.local import LocalBackend
 
         return LocalBackend(
-            role.model, cache_dir=settings.resolved_model_cache, device=role.device, threads=role.threads
+            role.model,
+            cache_dir=settings.resolved_model_cache,
+            device=role.device,
+            threads=role.threads,
+            prefix_cache_mb=role.prefix_cache_mb,
         )
     if role.backend == "remote":
         from workers.backends.remote import RemoteBackend
