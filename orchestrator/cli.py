@@ -254,9 +254,9 @@ def _print_cycle(report: object) -> None:
     for column in ("stage", "version", "samples", "steps", "tokens/s", "wall s", "peak MB", "final loss"):
         stages.add_column(column)
     for name, stage in report.stages.items():
-        loss = stage["loss_history"][-1]["loss"] if stage["loss_history"] else float("nan")
+        loss = f'{stage["loss_history"][-1]["loss"]:.3f}' if stage["loss_history"] else "–"  # fewer steps than logging_steps
         stages.add_row(name, stage["version"], str(stage["samples"]), str(stage["global_step"]), f"{stage['tokens_per_s']:.0f}",
-                       f"{stage['wall_s']:.0f}", f"{stage['peak_memory_mb']:.0f}", f"{loss:.3f}")
+                       f"{stage['wall_s']:.0f}", f"{stage['peak_memory_mb']:.0f}", loss)
     console.print(stages)
     gate = Table(title="dev metrics and gate")
     for column in ("metric", "serving", "candidate"):

@@ -50,7 +50,8 @@ def test_four_systems_are_wired_as_defined(trained: TrainedSystems, model_cache:
 
 
 def test_each_system_is_scored_in_its_own_shape(trained: TrainedSystems, model_cache: Path) -> None:
-    entry = sorted(load_split("train"), key=lambda i: int(i.rsplit("_", 1)[1]))[0]
+    base_ids = [i for i in load_split("train") if i.startswith("multi_turn_base_")]
+    entry = min(base_ids, key=lambda i: int(i.rsplit("_", 1)[1]))
     trajectory = seed_trajectories("multi_turn_base", ids=[entry])
     options = {"compat": False, "limit": 2, "batch_size": 2, "max_new_tokens": 4}
     single = evaluate_system(trained.systems["single_llm"], trajectory, model_cache=model_cache, **options)

@@ -56,7 +56,10 @@ class CycleConfig:
             seed_limit=settings.train_seed_limit,
             dev_limit=settings.train_dev_limit,
             glpft=GLPFTConfig(
-                base_model=settings.train_base_model, method=settings.train_method, max_steps=settings.train_max_steps
+                base_model=settings.train_base_model,
+                method=settings.train_method,
+                max_steps=settings.train_max_steps,
+                logging_steps=min(10, settings.train_max_steps or 10),  # a short cycle still records its loss
             ),
         )
         for name, value in overrides.items():
