@@ -85,6 +85,7 @@ class Budget:
     reference_threads: int
     pool_threads: int
     batch_size: int
+    prefix_cache_mb: int
 
 
 @dataclass
@@ -119,7 +120,7 @@ def main() -> None:
     args = _arguments()
     budget = Budget(
         args.trajectories, args.steps, args.max_new_tokens, args.description_chars, args.reference_threads,
-        args.pool_threads, args.batch_size,
+        args.pool_threads, args.batch_size, args.prefix_cache_mb,
     )
     model_cache = get_settings().resolved_model_cache  # the user's cache: converted weights are reused, not rebuilt
     specs = [bfcl_task(entry, n_turns=1, steps_per_turn=budget.steps) for entry in pick_entries(budget.trajectories)]
@@ -160,6 +161,9 @@ def _arguments() -> argparse.Namespace:
         "--pool-threads", type=int, default=max(1, cores // 2), help="UMIQ_<ROLE>__THREADS of each umiq role process."
     )
     parser.add_argument("--batch-size", type=int, default=8, help="UMIQ_<ROLE>__BATCH_SIZE of the umiq pools.")
+    parser.add_argument(
+        "--prefix-cache-mb", type=int, default=256, help="UMIQ_<ROLE>__PREFIX_CACHE_MB of the umiq pools (0: off)."
+    )
     return parser.parse_args()
 
 
@@ -254,6 +258,7 @@ def umiq_run(specs: list[TaskSpec], budget: Budget, model_cache: Path) -> _Run:
         for name, value in {
             "BACKEND": "local", "MODEL": DEFAULT_MODEL, "MAX_NEW_TOKENS": str(budget.max_new_tokens),
             "THREADS": str(budget.pool_threads), "BATCH_SIZE": str(budget.batch_size),
+            "PREFIX_CACHE_MB": str(budget.prefix_cache_mb),
         }.items()
     }
     extra = {**roles, "UMIQ_MODEL_CACHE": str(model_cache), "UMIQ_DOC_DESCRIPTION_CHARS": str(budget.description_chars)}
