@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -102,15 +102,7 @@ def postgres_cpu_seconds() -> float:
     The server is shared: other clients' work on the machine (other test sessions) counts too, and a backend that
     exits between two readings takes its time with it. A rough figure, beside the pools' exact ones.
     """
-    total = 0.0
-    for process in psutil.process_iter(["name"]):
-        if (process.info["name"] or "").startswith("postgres"):
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-    return total
+    return _cpu_of(p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("postgres"))
 
 
 def bench_settings(database_url: str, broker_url: str, home: Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -196,8 +188,13 @@ def machine() -> dict[str, Any]:
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all its threads and its live children (a prefork pool's processes)."""
     root = psutil.Process(pid)
+    return _cpu_of([root, *root.children(recursive=True)])
+
+
+def _cpu_of(processes: Iterable[psutil.Process]) -> float:
+    """User plus system CPU seconds of these processes; one that exited meanwhile counts nothing."""
     total = 0.0
-    for process in (root, *root.children(recursive=True)):
+    for process in processes:
         try:
             times = process.cpu_times()
         except psutil.NoSuchProcess:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.logs import setup_logging
+from orchestrator.protocol import MODEL_ROLES
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import get_engine, migrate
 
@@ -31,7 +32,6 @@ eval_app = typer.Typer(
 )
 console = Console()
 
-ROLES = ("planner", "caller", "summarizer")
 
 
 def _write(path: Path, text: str) -> None:
@@ -42,7 +42,7 @@ def _write(path: Path, text: str) -> None:
 
 def _chosen(model: str | None, per_role: dict[str, str | None]) -> dict[str, str]:
     """The models asked for, by role: ``--model`` for every role, a role's own flag first; unnamed roles are absent."""
-    return {role: chosen for role in ROLES if (chosen := per_role[role] or model)}
+    return {role: chosen for role in MODEL_ROLES if (chosen := per_role[role] or model)}
 
 
 def _role_models(model: str | None, per_role: dict[str, str | None]) -> dict[str, str]:

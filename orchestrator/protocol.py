@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "Speaker",
     "ModelRole",
+    "MODEL_ROLES",
     "Decision",
     "ParseError",
     "ToolSpec",
@@ -67,6 +68,10 @@ class ModelRole(StrEnum):
     PLANNER = "planner"
     CALLER = "caller"
     SUMMARIZER = "summarizer"
+
+
+MODEL_ROLES: tuple[str, ...] = tuple(role.value for role in ModelRole)
+"""The role names in serving order, where a plain string is wanted (settings sections, env names, registry rows)."""
 
 
 class Decision(StrEnum):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator.protocol import MODEL_ROLES
 from training.evaluate import StaticEvaluation, evaluate_static
 from training.glpft import StageResult, run_stage
 from training.glpft_config import GLPFTConfig
@@ -34,7 +35,7 @@ from workers.backends.models import resolve_model
 
 __all__ = ["ROLES", "SYSTEMS", "System", "TrainedSystems", "evaluate_system", "train_systems"]
 
-ROLES = ("planner", "caller", "summarizer")
+ROLES = MODEL_ROLES
 SYSTEMS = ("base", "single_llm", "multi_direct", "glpft")
 """The systems in the order the table and the chart show them."""
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 import structlog
 from sqlmodel import func, select
 
+from orchestrator.protocol import MODEL_ROLES
 from orchestrator.settings import Settings
 from orchestrator.store import Feedback, ModelVersion, session_scope, utcnow
 from training import registry
@@ -32,7 +33,7 @@ from workers.backends.local import load_shared
 __all__ = ["CycleReport", "collect", "run_cycle"]
 
 log = structlog.get_logger(__name__)
-ROLES = ("planner", "caller", "summarizer")
+ROLES = MODEL_ROLES
 
 
 @dataclass

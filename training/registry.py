@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import structlog
 from sqlmodel import select
 
+from orchestrator.protocol import MODEL_ROLES
 from orchestrator.settings import Settings
 from orchestrator.store import ModelStatus, ModelVersion, session_scope, utcnow
 
@@ -85,7 +86,7 @@ def active(engine: sa.Engine, role: str) -> ModelVersion | None:
 def serving(engine: sa.Engine, settings: Settings) -> dict[str, str]:
     """What each role serves with ``model=registry``: its active version's folder, or its base model."""
     served = {}
-    for role in ("planner", "caller", "summarizer"):
+    for role in MODEL_ROLES:
         version = active(engine, role)
         served[role] = version.path if version else settings.role(role).base_model
     return served

@@ -129,23 +129,12 @@ class PrefixCache:
     def match(self, ids: Sequence[int]) -> Match:
         """The longest cached prefix of ``ids``, its nodes touched as just used."""
         with self._lock:
-            tick = next(self._clock)
             pieces: list[LayerStates] = []
-            node, pos = self._root, 0
-            while pos < len(ids):
-                child = node.children.get(ids[pos])
-                if child is None:
-                    break
-                shared = _shared_length(child.tokens, ids, pos)
-                child.used = tick
-                if shared < len(child.tokens):
-                    pieces.append([(keys[:, :shared], values[:, :shared]) for keys, values in child.states])
-                else:
-                    pieces.append(child.states)
-                pos += shared
-                if shared < len(child.tokens):
-                    break
-                node = child
+            pos = 0
+            for child, start, shared in self._walk(ids, next(self._clock)):
+                whole = shared == len(child.tokens)
+                pieces.append(child.states if whole else [(k[:, :shared], v[:, :shared]) for k, v in child.states])
+                pos = start + shared
             self.stats.lookups += 1
             self.stats.hit_tokens += pos
             self.stats.missed_tokens += len(ids) - pos
@@ -163,17 +152,9 @@ class PrefixCache:
         with self._lock:
             tick = next(self._clock)
             node, pos = self._root, 0
-            while pos < len(ids):
-                child = node.children.get(ids[pos])
-                if child is None:
-                    break
-                shared = _shared_length(child.tokens, ids, pos)
-                child.used = tick
-                pos += shared
-                if shared < len(child.tokens):
-                    node = self._split(child, shared)
-                    break
-                node = child
+            for child, start, shared in self._walk(ids, tick):
+                node = child if shared == len(child.tokens) else self._split(child, shared)
+                pos = start + shared
             if pos == len(ids):
                 return
             keys = layers[0][0]
@@ -194,6 +175,23 @@ class PrefixCache:
             self._root.children.clear()
             self._nodes.clear()
             self._bytes = 0
+
+    def _walk(self, ids: Sequence[int], tick: int) -> Iterator[tuple[_Node, int, int]]:
+        """The nodes on ``ids``'s path from the root, each with where its tokens start in ``ids`` and how many of
+        them ``ids`` shares, touched as used at ``tick``; the walk ends after a node ``ids`` leaves half way (which
+        the caller may split: the decision is taken before it yields)."""
+        node, pos = self._root, 0
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None:
+                return
+            shared = _shared_length(child.tokens, ids, pos)
+            partial = shared < len(child.tokens)
+            child.used = tick
+            yield child, pos, shared
+            if partial:
+                return
+            node, pos = child, pos + shared
 
     def _split(self, node: _Node, at: int) -> _Node:
         """Cut ``node`` after ``at`` tokens; returns the new upper part, which keeps ``node`` as its only child."""
