@@ -125,16 +125,24 @@ def bench_settings(database_url: str, broker_url: str, home: Path, env: Mapping[
 
 @contextmanager
 def pools(
-    settings: Settings, log_dir: Path, extra: Mapping[str, str], *, orchestrator_threads: int
+    settings: Settings, log_dir: Path, extra: Mapping[str, str], *, orchestrator_threads: int, orchestrator_processes: int = 1
 ) -> Iterator[dict[str, subprocess.Popen]]:
-    """One process per pool, ready to consume; each is stopped (warm shutdown, then killed) on exit."""
+    """One process per pool, ready to consume; each is stopped (warm shutdown, then killed) on exit.
+
+    ``orchestrator_processes`` above 1 starts that many orchestrator pools on the one queue (``orchestrator``,
+    ``orchestrator-2``, ...), as ``docker compose up --scale orchestrator=N`` does: the orchestrator's Python runs
+    under one GIL per process, and the trajectory row lock keeps the processes from applying one trajectory's results
+    at once.
+    """
     env = pool_env(settings, extra)
+    names = [*POOLS, *(f"orchestrator-{i}" for i in range(2, orchestrator_processes + 1))]
     procs: dict[str, subprocess.Popen] = {}
     try:
-        for name in POOLS:
-            threads = orchestrator_threads if name == "orchestrator" else 2
+        for name in names:
+            pool = name.split("-")[0]
+            threads = orchestrator_threads if pool == "orchestrator" else 2
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "worker", name, "--concurrency", str(threads)],
+                [sys.executable, "-m", "orchestrator.cli", "worker", pool, "--concurrency", str(threads)],
                 cwd=REPO,
                 env=env,
                 stdout=(log_dir / f"{name}.log").open("w"),

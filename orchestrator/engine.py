@@ -42,6 +42,7 @@ from orchestrator.store import (
     ToolCatalog,
     Trajectory,
     TrajectoryStatus,
+    pipelined,
     session_scope,
     utcnow,
 )
@@ -102,7 +103,7 @@ _HISTORY = (
     .where(_MESSAGE.c.trajectory_id == sa.bindparam("trajectory_id"))
     .order_by(_MESSAGE.c.seq)
 )
-_INSERT_MESSAGES = sa.insert(_MESSAGE)
+_INSERT_MESSAGES = sa.insert(_MESSAGE).inline()
 _INSERT_STEP = sa.insert(_STEP)
 _REDISPATCH = (
     sa.update(_STEP)
@@ -141,7 +142,7 @@ _TOOL_OBSERVED = (
     .where(_TOOLCALL.c.tool_step_id == sa.bindparam("step_id"))
     .values(observation=sa.bindparam("observation"), error=sa.bindparam("error"))
 )
-_INSERT_TOOLCALL = sa.insert(_TOOLCALL)
+_INSERT_TOOLCALL = sa.insert(_TOOLCALL).inline()
 
 
 def _write_step_result(conn: Executor, step: Record) -> None:
@@ -523,22 +524,23 @@ def _transition(conn: Executor, task: Record, trajectory: Record, step: Record, 
 
 
 def _apply(
-    conn: Executor, task: Record, trajectory: Record, step: Record, result: dict[str, Any], settings: Settings
+    conn: sa.Connection, task: Record, trajectory: Record, step: Record, result: dict[str, Any], settings: Settings
 ) -> list[Outbound]:
-    """Store the step's outcome and create the next step: one statement per table touched, messages in one insert."""
+    """Store the step's outcome and create the next step.
+
+    What needs an answer from the server comes first: the history, and the next step's insert (its id goes into its
+    message and the tool-call row). The writes that need none (the step's result, the observation, the new messages,
+    the tool call, the trajectory) then go together in one round trip (:func:`~orchestrator.store.pipelined`).
+    """
     transition = _transition(conn, task, trajectory, step, settings)
-    _write_step_result(conn, step)
     transcript = history(conn, trajectory.id)
     rows = _message_rows(trajectory, transcript, transition.messages, step.id)
-    if step.kind == StepKind.TOOL:
-        conn.execute(_TOOL_OBSERVED, {"step_id": step.id, "observation": step.raw_text, "error": result.get("error")})
     if transition.outcome is not None:
         trajectory.outcomes = [*trajectory.outcomes, transition.outcome]
     if transition.next_user is not None:
         trajectory.turn += 1
         trajectory.turn_planner_steps = 0
         rows += _message_rows(trajectory, transcript, [protocol.Message(protocol.Speaker.USER, transition.next_user)])
-    _insert_messages(conn, rows)
     trajectory.updated_at = utcnow()
     outbound: list[Outbound] = []
     if transition.finish is not None:
@@ -549,27 +551,37 @@ def _apply(
         outbound.append(
             _create_step(conn, task, trajectory, transition.next_kind, transition.next_request, settings, transcript)
         )
-    if transition.call is not None:
-        tool, arguments = transition.call
-        tool_step_id = outbound[0].kwargs["step_id"] if transition.next_kind == StepKind.TOOL else None
-        observation = transition.messages[-1].content if transition.hallucinated else None
-        conn.execute(
-            _INSERT_TOOLCALL,
-            {
-                "trajectory_id": trajectory.id,
-                "turn": step.turn,
-                "caller_step_id": step.id,
-                "tool_step_id": tool_step_id,
-                "tool": tool,
-                "arguments": arguments,
-                "hallucinated": transition.hallucinated,
-                "observation": observation,
-                "error": None,
-                "created_at": utcnow(),
-            },
-        )
-    _write_trajectory(conn, trajectory)
+    with pipelined(conn):
+        _write_step_result(conn, step)
+        if step.kind == StepKind.TOOL:
+            conn.execute(_TOOL_OBSERVED, {"step_id": step.id, "observation": step.raw_text, "error": result.get("error")})
+        _insert_messages(conn, rows)
+        if transition.call is not None:
+            _insert_tool_call(conn, step, trajectory, transition, outbound)
+        _write_trajectory(conn, trajectory)
     return outbound
+
+
+def _insert_tool_call(
+    conn: Executor, step: Record, trajectory: Record, transition: machine.Transition, outbound: list[Outbound]
+) -> None:
+    """The caller's call, with the tool step that runs it (none for a hallucinated call, whose observation is the error)."""
+    tool, arguments = transition.call
+    conn.execute(
+        _INSERT_TOOLCALL,
+        {
+            "trajectory_id": trajectory.id,
+            "turn": step.turn,
+            "caller_step_id": step.id,
+            "tool_step_id": outbound[0].kwargs["step_id"] if transition.next_kind == StepKind.TOOL else None,
+            "tool": tool,
+            "arguments": arguments,
+            "hallucinated": transition.hallucinated,
+            "observation": transition.messages[-1].content if transition.hallucinated else None,
+            "error": None,
+            "created_at": utcnow(),
+        },
+    )
 
 
 def _fail_step(conn: Executor, task: Record, trajectory: Record, step: Record, error: str, settings: Settings) -> list[Outbound]:

@@ -39,6 +39,7 @@ __all__ = [
     "new_id",
     "get_engine",
     "session_scope",
+    "pipelined",
     "migrate",
 ]
 
@@ -315,6 +316,33 @@ def session_scope(engine: sa.Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def pipelined(conn: sa.Connection) -> Iterator[None]:
+    """Send the statements run inside together and wait for the server once, at the end (psycopg's pipeline mode).
+
+    A step result's writes (the step, its messages, the tool call, the trajectory) need nothing back from the server,
+    yet each cost a round trip: a send, a wait and a receive, in the orchestrator and in Postgres. Pipelined, they cost
+    one. Only statements whose results nobody reads may run inside: an ``INSERT`` must be ``.inline()`` (no
+    ``RETURNING`` of its key), and a ``SELECT`` would see no rows. A failed statement raises at the end, as the
+    SQLAlchemy error its psycopg error maps to, so callers (the retrying orchestrator tasks) see what they would have
+    seen outside; a broken connection is invalidated, not returned to the pool. SQLite has no round trips to save:
+    the statements just run.
+    """
+    driver = conn.connection.driver_connection
+    if not hasattr(driver, "pipeline"):
+        yield
+        return
+    import psycopg
+
+    try:
+        with driver.pipeline():
+            yield
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError) or driver.closed:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=conn.invalidated) from exc
 
 
 def migrate(url: str) -> None:
