@@ -201,15 +201,19 @@ class LocalBackend:
     def _prefill(self, jobs: list[_Job], width: int) -> DynamicCache:
         """The batch's cache of every prompt but its last token, left-padded to ``width - 1`` as generate() expects.
 
-        The batch's states are allocated once; each row's slot (its right end) is filled in place: its longest cached
+        The batch's states are allocated once, with room for the longest request's new tokens after the prompts: the
+        decoding steps then write their keys and values in place (:class:`_SlotLayer`) instead of concatenating, which
+        copies every layer's whole states at every token (for a batch of 8 prompts of 1,500 tokens, about 0.5 GB per
+        generated token on SmolLM2-135M). Each row's slot (its right end) is filled in place: its longest cached
         prefix copied from the tree, the rest run through the model alone (unpadded, nothing wasted on pads) and
         written straight in. What a row computed is cached for the next prompts. Rows of one token have nothing to
         prefill; pads stay zero and masked.
         """
         assert self.prefix_cache is not None and self._kv_shapes is not None
         past, rows = width - 1, len(jobs)
+        capacity = past + max(job.request.max_new_tokens for job in jobs)
         batch = [
-            tuple(torch.zeros((rows, heads, past, dim), dtype=dtype, device=self.device) for _ in range(2))
+            tuple(torch.zeros((rows, heads, capacity, dim), dtype=dtype, device=self.device) for _ in range(2))
             for heads, dim, dtype in self._kv_shapes
         ]
         hits = computed = 0
@@ -218,7 +222,7 @@ class LocalBackend:
             if not ids:
                 continue
             start = past - len(ids)
-            slots = [(keys[row : row + 1, :, start:], values[row : row + 1, :, start:]) for keys, values in batch]
+            slots = [(keys[row : row + 1, :, start:past], values[row : row + 1, :, start:past]) for keys, values in batch]
             found = self.prefix_cache.match(ids)
             found.write_into([(keys[0], values[0]) for keys, values in slots])
             hits, computed = hits + found.length, computed + len(ids) - found.length
