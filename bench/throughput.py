@@ -151,7 +151,7 @@ def main() -> None:
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trajectories", type=int, default=8, help="BFCL entries, cheapest first.")
+    parser.add_argument("--trajectories", type=int, default=32, help="BFCL entries, cheapest first, all at once.")
     parser.add_argument("--steps", type=int, default=1, help="Planner steps per turn.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="New tokens per model step, every role.")
     parser.add_argument("--description-chars", type=int, default=64, help="Tool descriptions are cut to this in prompts.")

@@ -7,9 +7,9 @@ the next step's message is published only after the commit. A message lost after
 
 Steps and their trajectories are read as plain records (:class:`Record`) and written back with explicit SQLAlchemy
 Core statements built once at import, not through the ORM's unit of work: a result is one transaction of about
-eight statements (lock and load, history, the step's result, the new messages in one insert, the next step, the
-trajectory), and the ORM's change tracking, object construction and flush planning had cost about twice the CPU of
-those statements themselves. A record's attributes are the table's columns; changing one persists nothing by
+eight statements (lock and load, history, the next step, then the step's result, the new messages in one insert, the
+tool call and the trajectory, those four sent together in one round trip), and the ORM's change tracking, object
+construction and flush planning had cost about twice the CPU of those statements themselves. A record's attributes are the table's columns; changing one persists nothing by
 itself: the function that changes it writes it (:func:`_write_step_result`, :func:`_write_trajectory`, ...).
 """
 
