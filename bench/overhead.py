@@ -42,6 +42,7 @@ from bench.stack import (
     cpu_seconds,
     fresh_database,
     machine,
+    pool_of,
     pools,
     postgres_cpu_seconds,
     private_redis_server,
@@ -214,7 +215,7 @@ def run_phase(
 
 def _orchestrators(cpu: dict[str, float]) -> float:
     """All orchestrator processes together (``orchestrator``, ``orchestrator-2``, ...)."""
-    return sum(seconds for name, seconds in cpu.items() if name.split("-")[0] == "orchestrator")
+    return sum(seconds for name, seconds in cpu.items() if pool_of(name) == "orchestrator")
 
 
 def _own_cpu_seconds() -> float:

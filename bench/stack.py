@@ -139,7 +139,7 @@ def pools(
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name in names:
-            pool = name.split("-")[0]
+            pool = pool_of(name)
             threads = orchestrator_threads if pool == "orchestrator" else 2
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.cli", "worker", pool, "--concurrency", str(threads)],
@@ -156,6 +156,11 @@ def pools(
         _, alive = psutil.wait_procs([psutil.Process(proc.pid) for proc in procs.values()], timeout=30)
         for straggler in alive:
             straggler.kill()
+
+
+def pool_of(name: str) -> str:
+    """The pool a process of :func:`pools` serves: ``orchestrator-2`` is one more ``orchestrator``."""
+    return name.split("-")[0]
 
 
 def wait_finished(db: sa.Engine, task_ids: list[str], *, timeout: float, poll_s: float) -> None:
