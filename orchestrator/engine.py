@@ -28,7 +28,7 @@ from sqlmodel import Session, select
 from orchestrator import machine, protocol
 from orchestrator.logs import bind_step
 from orchestrator.protocol import ModelRole, ToolSpec
-from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name, send
+from orchestrator.queues import EXECUTE_TOOL, app, generate_task_name, send, step_expiry_s
 from orchestrator.schemas import TaskSpec
 from orchestrator.settings import Settings
 from orchestrator.store import (
@@ -182,9 +182,8 @@ def _check_turns(count: int, settings: Settings) -> None:
 class Outbound:
     """A message to publish once the transaction that created its step has committed.
 
-    ``expires_s`` is the broker's visibility timeout: a copy Redis hands out again after its worker died is older than
-    that, and by then the sweeper has re-sent the step, so the worker drops the copy instead of running a step that
-    may have killed its worker (or been dead-lettered) once more.
+    ``expires_s`` is :func:`~orchestrator.queues.step_expiry_s`: a copy older than that has been re-sent by the sweeper,
+    so the worker drops it instead of running a step that may have killed its worker (or been dead-lettered) once more.
     """
 
     task_name: str
@@ -431,7 +430,7 @@ def _dispatch(
     else:
         conn.execute(_REDISPATCH, {"step_id": step.id, "attempt": step.attempt, "error": step.error, "dispatched_at": step.dispatched_at})
     base = {"step_id": step.id, "attempt": step.attempt, "trajectory_id": trajectory.id, "turn": step.turn, "seq": step.seq}
-    expires = app.conf.broker_transport_options.get("visibility_timeout")
+    expires = step_expiry_s(settings)
     if step.kind == StepKind.TOOL:
         return Outbound(EXECUTE_TOOL, {**base, **_tool_payload(conn, task, trajectory, step, settings)}, expires)
     role = ModelRole(step.kind)

@@ -22,6 +22,7 @@ __all__ = [
     "GENERATE",
     "EXECUTE_TOOL",
     "STEP_RESULT",
+    "step_expiry_s",
     "SWEEP",
     "TRAIN_CYCLE",
     "generate_task_name",
@@ -77,10 +78,24 @@ def _routes() -> dict[str, dict[str, str]]:
     return routes
 
 
+def step_expiry_s(settings: Settings) -> float | None:
+    """How long a step message stays worth running: a copy that waited longer in its queue has been re-sent by the
+    sweeper (it re-sends a step with no result after ``UMIQ_SWEEP_AFTER_S``), so a worker drops it instead of running
+    the step twice. Above the step timeout, so a long queue alone does not expire a message. The embedded broker's
+    messages never expire."""
+    return None if settings.embedded else settings.step_timeout_s * 2 + 60
+
+
 def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if not settings.embedded:
-        # Redis must not hand a message to a second worker while the first is still generating.
-        return settings.broker_url, {"visibility_timeout": int(settings.step_timeout_s * 2 + 60)}
+        # kombu's emulated acks cost two Redis transactions per message consumed (record a copy of the message in an
+        # "unacked" hash on receipt, delete it on ack), about a fifth of a pool's CPU per step, so that a dead
+        # worker's messages can be handed out again after a visibility timeout. umiq needs none of it: Postgres is the
+        # truth and the sweeper re-sends every step whose result has not come (orchestrator.engine.sweep), sooner
+        # than any visibility timeout a long generation allows, and the copy Redis would restore had expired by then
+        # (step_expiry_s). Off, a worker's unacknowledged messages are held in its memory: the prefetch limit still
+        # holds, and a warm shutdown still puts the messages it had not started back on their queue.
+        return settings.broker_url, {"ack_emulation": False}
     folder = settings.home / "broker"
     (folder / "processed").mkdir(parents=True, exist_ok=True)
     return f"{embedded_broker.SCHEME}://", {

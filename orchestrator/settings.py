@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     tool_memory_mb: int = Field(
         1024, ge=16, description="Memory a tool call may add to its tools worker process (RLIMIT_AS); more is a MemoryError."
     )
-    step_timeout_s: float = Field(900.0, gt=0, description="Longest a model step may run; the broker's visibility timeout exceeds it.")
+    step_timeout_s: float = Field(900.0, gt=0, description="Longest a model step may run; the default of UMIQ_SWEEP_AFTER_S, and step messages expire after twice it.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper re-enqueues steps whose message was lost.")
     sweep_after_s: float | None = Field(
         None, gt=0, description="A queued step with no result this long after its message went out is re-sent; default UMIQ_STEP_TIMEOUT_S."

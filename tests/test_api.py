@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
-from orchestrator import engine as engine_ops
+from orchestrator import engine as engine_ops, queues
 from orchestrator.api import create_app
 from orchestrator.client import Client, HttpClient, RequestRejected, TaskTimeout
 from orchestrator.engine import NotFound, UnknownToolSet
@@ -49,12 +50,12 @@ def counts(db: sa.Engine) -> dict[str, int]:
 
 
 def planner_messages(broker: redis.Redis) -> list[dict[str, Any]]:
-    """Celery messages waiting on the planner queue, decoded to (headers, kwargs)."""
+    """Celery messages waiting on the planner queue, decoded to their task name, kwargs and expiry."""
     out = []
     for raw in broker.lrange("planner", 0, -1):
         envelope = json.loads(raw)
         _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        out.append({"task": envelope["headers"]["task"], "kwargs": kwargs})
+        out.append({"task": envelope["headers"]["task"], "kwargs": kwargs, "expires": envelope["headers"]["expires"]})
     return out
 
 
@@ -105,7 +106,7 @@ def live_api(small_app: FastAPI) -> Iterator[str]:
 
 
 def test_submit_stores_everything_and_publishes_to_planner_queue(
-    http: TestClient, engine: sa.Engine, catalog: str, redis_queues: redis.Redis
+    http: TestClient, engine: sa.Engine, catalog: str, redis_queues: redis.Redis, settings: Settings
 ) -> None:
     before = counts(engine)
     response = http.post("/v1/tasks", json=spec([catalog], meta={"bfcl_id": "x1"}))
@@ -134,6 +135,9 @@ def test_submit_stores_everything_and_publishes_to_planner_queue(
     assert published["kwargs"]["step_id"] == step.id
     assert published["kwargs"]["trajectory_id"] == trajectory.id
     assert "What is 2 + 3?" in json.dumps(published["kwargs"]["prompt"])
+    # A copy that waited longer than this has been re-sent by the sweeper: a worker drops it.
+    lifetime = (datetime.fromisoformat(published["expires"]) - step.dispatched_at).total_seconds()
+    assert abs(lifetime - queues.step_expiry_s(settings)) < 5, published["expires"]
 
 
 def test_submit_without_tools_is_accepted(http: TestClient, engine: sa.Engine, redis_queues: redis.Redis) -> None:
