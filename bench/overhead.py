@@ -125,7 +125,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--trajectories", type=int, default=64, help="Trajectories at once in the concurrent phase.")
     parser.add_argument("--sequential", type=int, default=10, help="Trajectories one at a time in the sequential phase.")
     parser.add_argument("--turns", type=int, default=2, help="User turns per trajectory (five hops each).")
-    parser.add_argument("--orchestrator-threads", type=int, default=8, help="Threads of each orchestrator process.")
+    parser.add_argument(
+        "--orchestrator-threads", type=int, default=4,
+        help="Threads of each orchestrator process: compose's 4; more only contend for the process's one GIL.",
+    )
     parser.add_argument(
         "--orchestrator-processes", type=int, default=2,
         help="Orchestrator pools on the one queue (compose's --scale): one per core, since each runs under its own GIL.",
