@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import Step, StepStatus, Trajectory, TrajectoryStatus, get_engine, utcnow
 from tests.pools import scripted_roles
 
-__all__ = ["main", "run_phase", "percentiles"]
+__all__ = ["main", "run_phase", "percentiles", "breakdown"]
 
 TARGET_HOPS_PER_S = 200.0
 TARGET_P50_MS = 5.0
@@ -83,9 +84,9 @@ def main() -> None:
             run_phase(db, settings, pids, "warm-up", trajectories=4, turns=args.turns, at_once=4)
             phases = [
                 run_phase(db, settings, pids, "sequential", trajectories=args.sequential, turns=args.turns, at_once=1,
-                          others=others),
+                          others=others, log_dir=Path(home)),
                 run_phase(db, settings, pids, "concurrent", trajectories=args.trajectories, turns=args.turns,
-                          at_once=args.trajectories, others=others),
+                          at_once=args.trajectories, others=others, log_dir=Path(home)),
             ]
     concurrent = phases[1]
     report = {
@@ -95,6 +96,13 @@ def main() -> None:
             "latency_ms": "step.finished_at - step.dispatched_at (both stamped by the orchestrator)",
             "wall_s": "first submit to the last step's finished_at; hops_per_s is hops / wall_s",
             "pool_ms": "the pool's own time on the step (step.latency_ms, reported by the worker); the rest is queue + db",
+            "breakdown_ms": (
+                "medians of a hop's three segments, from the orchestrator's stamps and the processes' log timestamps: "
+                "orchestrator_after_dispatch (dispatched_at to the previous step's step.applied line, logged after "
+                "the commit and the publish), to_pool_result_sent (to the pool's step.generated or tool.executed line, "
+                "logged after it sent the result), to_result_stamped (to finished_at, stamped once the orchestrator "
+                "has the result and the locked step); a trajectory's first step, sent by the driver, has none"
+            ),
             "orchestrator_cpu_ms_per_hop": "orchestrator process user+system CPU over the phase / hops",
             "machine_cpu_ms_per_hop": "pools + broker + postgres (shared server, rough) + benchmark driver, per hop",
             "cpu_bound_hops_per_s": "cpu_count * 1000 / machine_cpu_ms_per_hop: the ceiling on an otherwise idle machine",
@@ -155,6 +163,7 @@ def run_phase(
     turns: int,
     at_once: int,
     others: dict[str, int] | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``trajectories`` in waves of ``at_once``; measure from the first submit to the last trajectory's end.
 
@@ -163,7 +172,7 @@ def run_phase(
     per-hop figure, and its interval no longer adds to the wall time. One trajectory at a time keeps 20 ms, since
     the next is submitted only once the driver has seen the last one end.
     ``others`` names more processes whose CPU per hop to report (the broker); Postgres's and this driver's own are
-    always read.
+    always read. ``log_dir`` holds the pools' JSON logs, for :func:`breakdown`.
     """
     others = others or {}
     cpu_before = {pool: cpu_seconds(pid) for pool, pid in pids.items()}
@@ -182,7 +191,8 @@ def run_phase(
     other_cpu["postgres"] = postgres_cpu_seconds() - postgres_before
     with Session(db) as session:
         rows = session.exec(
-            select(Step.dispatched_at, Step.finished_at, Step.status, Step.batch_size, Step.latency_ms)
+            select(Step.trajectory_id, Step.seq, Step.dispatched_at, Step.finished_at, Step.status, Step.batch_size,
+                   Step.latency_ms)
             .join(Trajectory, Trajectory.id == Step.trajectory_id)
             .where(Trajectory.task_id.in_(ids))
         ).all()
@@ -213,7 +223,46 @@ def run_phase(
         "machine_cpu_ms_per_hop": round(machine_ms, 3),
         "cpu_bound_hops_per_s": round((os.cpu_count() or 1) * 1000 / machine_ms, 1),
         "mean_batch_size": round(statistics.fmean(batches), 2) if batches else None,
+        "breakdown_ms": breakdown(done, log_dir) if log_dir is not None else None,
     }
+
+
+_SEGMENT_EVENTS = ("step.applied", "step.generated", "tool.executed")
+
+
+def _logged_at(log_dir: Path) -> dict[tuple[str, int, str], datetime]:
+    """When each step's segment events were logged, by (trajectory id, step seq, event), from the pools' JSON lines."""
+    stamps: dict[tuple[str, int, str], datetime] = {}
+    for path in log_dir.glob("*.log"):
+        with path.open() as lines:
+            for line in lines:
+                if not any(event in line for event in _SEGMENT_EVENTS):
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") in _SEGMENT_EVENTS and "trajectory_id" in record:
+                    stamps[(record["trajectory_id"], record["step"], record["event"])] = datetime.fromisoformat(record["timestamp"])
+    return stamps
+
+
+def breakdown(steps: list[Any], log_dir: Path) -> dict[str, float]:
+    """Where a hop's time goes: the medians of its three segments (see the report's ``definition.breakdown_ms``)."""
+    stamps = _logged_at(log_dir)
+    segments: dict[str, list[float]] = {"orchestrator_after_dispatch": [], "to_pool_result_sent": [], "to_result_stamped": []}
+    for step in steps:
+        applied = stamps.get((step.trajectory_id, step.seq - 1, "step.applied"))
+        sent = stamps.get((step.trajectory_id, step.seq, "step.generated")) or stamps.get((step.trajectory_id, step.seq, "tool.executed"))
+        if applied is None or sent is None:
+            continue
+        for name, start, end in (
+            ("orchestrator_after_dispatch", step.dispatched_at, applied),
+            ("to_pool_result_sent", applied, sent),
+            ("to_result_stamped", sent, step.finished_at),
+        ):
+            segments[name].append((end - start).total_seconds() * 1000)
+    return {name: round(statistics.median(values), 2) for name, values in segments.items() if values}
 
 
 def _orchestrators(cpu: dict[str, float]) -> float:
@@ -251,6 +300,10 @@ def _print(report: dict[str, Any]) -> None:
                       str(phase["mean_batch_size"]))
     console = Console(width=200)
     console.print(table)
+    for phase in report["phases"]:
+        if phase["breakdown_ms"]:
+            parts = ", ".join(f"{name} {ms:.1f}" for name, ms in phase["breakdown_ms"].items())
+            console.print(f"{phase['phase']} hop, median ms per segment: {parts}")
     targets = report["targets"]
     console.print(
         f"target ≥ {targets['hops_per_s']:.0f} hops/s: {'met' if targets['hops_per_s_met'] else 'NOT met'}; "
