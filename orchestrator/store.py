@@ -14,14 +14,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, Session, SQLModel, create_engine
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 __all__ = [
+    "alembic_config",
     "TrajectoryStatus",
     "StepStatus",
     "StepKind",
@@ -125,7 +129,7 @@ class Message(SQLModel, table=True):
     __table_args__ = (sa.UniqueConstraint("trajectory_id", "seq"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    trajectory_id: str = Field(foreign_key="trajectory.id", max_length=32)
     seq: int
     turn: int
     speaker: str = Field(max_length=16)
@@ -137,18 +141,25 @@ class Message(SQLModel, table=True):
 class Step(SQLModel, table=True):
     """One unit of work handed to a pool: its request, its raw result, what was parsed, and what it cost.
 
-    ``idempotency_key`` is unique: a redelivered or re-swept message can never store a second result.
+    (trajectory_id, seq) is unique, so a trajectory's slot holds one step; ``idempotency_key`` is that pair as text,
+    for logs. A redelivered or re-swept message can never store a second result: only a queued step takes one.
+    Every result rewrites a step, and an update writes into each of the table's indexes, so it has only those a query
+    needs (migration 0005): queued steps for the sweeper, the finish time for ``/metrics``.
     """
 
-    __table_args__ = (sa.UniqueConstraint("trajectory_id", "seq"),)
+    __table_args__ = (
+        sa.UniqueConstraint("trajectory_id", "seq"),
+        sa.Index("ix_step_queued", "status", postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'")),
+        sa.Index("ix_step_finished_at", "finished_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
-    trajectory_id: str = Field(foreign_key="trajectory.id", index=True, max_length=32)
+    trajectory_id: str = Field(foreign_key="trajectory.id", max_length=32)
     seq: int
     turn: int
-    kind: str = Field(index=True, max_length=16)
-    status: str = Field(default=StepStatus.QUEUED, index=True, max_length=16)
-    idempotency_key: str = Field(unique=True, max_length=80)
+    kind: str = Field(max_length=16)
+    status: str = Field(default=StepStatus.QUEUED, max_length=16)
+    idempotency_key: str = Field(max_length=80)
     attempt: int = 0
     request: dict[str, Any] = _json(default_factory=dict)
     raw_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text, nullable=True))
@@ -345,13 +356,18 @@ def pipelined(conn: sa.Connection) -> Iterator[None]:
         raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=conn.invalidated) from exc
 
 
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for umiq's migrations on the database at ``url`` (no alembic.ini to find)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
 def migrate(url: str) -> None:
     """Bring the database at ``url`` to the newest Alembic revision (creates it from nothing on first use)."""
     from alembic import command
-    from alembic.config import Config
 
-    here = Path(__file__).parent
-    config = Config()
-    config.set_main_option("script_location", str(here / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(url), "head")

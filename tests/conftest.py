@@ -1,9 +1,9 @@
 """Shared fixtures: real Postgres and Redis (never mocked), a fresh database per session, settings pointing at both.
 
-Fixtures for other test files: ``pg_url`` (a new, empty database, dropped afterwards), ``redis_url``, ``settings``
-(UMIQ_* environment applied, settings cache and Celery app reconfigured), ``engine`` (migrated), ``catalog`` (a toy
-tool set in the store's catalogue), ``redis_queues`` (a Redis client; umiq's queues emptied before and after) and
-``api_key`` (a fresh API key with an owner of its own).
+Fixtures for other test files: ``pg_url`` (a new, empty database, dropped afterwards; ``scratch_pg_url`` is one per
+test), ``redis_url``, ``settings`` (UMIQ_* environment applied, settings cache and Celery app reconfigured),
+``engine`` (migrated), ``catalog`` (a toy tool set in the store's catalogue), ``redis_queues`` (a Redis client;
+umiq's queues emptied before and after) and ``api_key`` (a fresh API key with an owner of its own).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,33 @@ def _admin() -> psycopg.Connection:
     pytest.fail(f"Postgres is not reachable at {PG_URL} ({error}).\nStart it with: {PG_START}", pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A uniquely named, empty database for this test session, dropped (connections and all) at the end."""
+@contextmanager
+def _fresh_database() -> Iterator[str]:
+    """A uniquely named, empty database, dropped (connections and all) afterwards."""
     name = f"umiq_test_{uuid.uuid4().hex[:12]}"
     with _admin() as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = sa.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    store.get_engine(url).dispose()
-    with _admin() as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        yield url
+    finally:
+        store.get_engine(url).dispose()
+        with _admin() as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The test session's database."""
+    with _fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def scratch_pg_url() -> Iterator[str]:
+    """A database of one test's own, for what would disturb the session's (its schema migrated down and up)."""
+    with _fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
