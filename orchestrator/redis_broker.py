@@ -1,15 +1,15 @@
 """kombu's Redis transport, with one Redis client per channel instead of one per command.
 
-kombu 5.7's Redis channel builds a new ``redis.Redis`` object for every publish, every unacked-message record
-(``QoS.append``, one per message received with late acks) and every ack. The connections come from the channel's
-pool either way, but constructing a ``redis.Redis`` (its response-callback table alone has a few hundred entries)
-costs about 0.09 ms of CPU on the 2-core benchmark machine, about as much as the command it sends: with three per
-message consumed and one per publish it was close to a tenth of a role pool's CPU per step (py-spy). This channel keeps one client per connection pool and hands it out instead. A ``redis.Redis``
-is safe to share between threads (each command checks a connection out of the pool), and a channel whose pools were
-replaced (kombu drops them on a connection error) gets a new client for the new pool.
+kombu 5.7's Redis channel builds a new ``redis.Redis`` object for every publish (and, with ack emulation, for every
+unacked-message record and every ack; umiq turns that off, see ``orchestrator.queues``). The connections come from
+the channel's pool either way, but constructing a ``redis.Redis`` (its response-callback table alone has a few
+hundred entries) costs about 0.09 ms of CPU on the 2-core benchmark machine, about as much as the command it sends
+(py-spy). This channel keeps one client per connection pool and hands it out instead. A ``redis.Redis`` is safe to
+share between threads (each command checks a connection out of the pool), and a channel whose pools were replaced
+(kombu drops them on a connection error) gets a new client for the new pool.
 
-Used for ``redis://`` broker URLs (``orchestrator.queues``); everything else (the polling loop, BRPOP, acks, the
-visibility timeout, message restore) is kombu's own.
+Used for ``redis://`` broker URLs (``orchestrator.queues``); everything else (the polling loop, BRPOP, prefetch,
+message restore) is kombu's own.
 """
 
 from __future__ import annotations

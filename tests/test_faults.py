@@ -4,7 +4,7 @@ database that goes away, and steps that never succeed.
 Each scenario runs 30 scripted trajectories (the issue's 100 is what ``python -m bench.soak`` runs; 30 keeps this
 file within about four minutes on two cores) through the real pools, under a supervisor that restarts whatever dies,
 against a Redis and a PostgreSQL started here on free loopback ports, never the shared ones. Settings are shrunk so
-recovery is quick: a step may take 4 s (so the broker's visibility timeout is 68 s), the sweeper runs every second and
+recovery is quick: a step may take 4 s (so its messages expire after 68 s), the sweeper runs every second and
 re-sends a step after 8 s without a result. After each scenario the store is audited: every trajectory finished
 (completed, or failed with a reason), none stuck, no step or message stored twice, every completed trajectory
 exactly the steps and messages its turns call for.
