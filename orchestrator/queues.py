@@ -80,7 +80,7 @@ def _routes() -> dict[str, dict[str, str]]:
 
 def step_expiry_s(settings: Settings) -> float | None:
     """How long a step message stays worth running. The sweeper re-sends a step that has no result
-    ``UMIQ_SWEEP_AFTER_S`` after its message went out (by default the step timeout, half of this), so a copy that waited
+    ``UMIQ_SWEEP_AFTER_S`` after its message went out (by default the step timeout, under half of this), so a copy that waited
     longer in its queue has a newer copy beside it: a worker drops it instead of running the step twice. Dropping one
     early is safe too, since the step stays queued in the store until the sweeper re-sends it. The embedded broker's
     messages never expire."""
