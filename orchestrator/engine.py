@@ -9,8 +9,9 @@ Steps and their trajectories are read as plain records (:class:`Record`) and wri
 Core statements built once at import, not through the ORM's unit of work: a result is one transaction of about
 eight statements (lock and load, history, the next step, then the step's result, the new messages in one insert, the
 tool call and the trajectory, those four sent together in one round trip), and the ORM's change tracking, object
-construction and flush planning had cost about twice the CPU of those statements themselves. A record's attributes are the table's columns; changing one persists nothing by
-itself: the function that changes it writes it (:func:`_write_step_result`, :func:`_write_trajectory`, ...).
+construction and flush planning had cost about twice the CPU of those statements themselves. A record's attributes
+are the table's columns; changing one persists nothing by itself: the function that changes it writes it
+(:func:`_write_step_result`, :func:`_write_trajectory`, ...).
 """
 
 from __future__ import annotations

@@ -138,6 +138,9 @@ class Message(SQLModel, table=True):
     created_at: datetime = _stamp()
 
 
+_QUEUED_ONLY = sa.text(f"status = '{StepStatus.QUEUED}'")
+
+
 class Step(SQLModel, table=True):
     """One unit of work handed to a pool: its request, its raw result, what was parsed, and what it cost.
 
@@ -149,7 +152,7 @@ class Step(SQLModel, table=True):
 
     __table_args__ = (
         sa.UniqueConstraint("trajectory_id", "seq"),
-        sa.Index("ix_step_queued", "status", postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'")),
+        sa.Index("ix_step_queued", "status", postgresql_where=_QUEUED_ONLY, sqlite_where=_QUEUED_ONLY),
         sa.Index("ix_step_finished_at", "finished_at"),
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -18,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
-from orchestrator import engine as engine_ops, queues
+from orchestrator import engine as engine_ops
+from orchestrator import queues
 from orchestrator.api import create_app
 from orchestrator.client import Client, HttpClient, RequestRejected, TaskTimeout
 from orchestrator.engine import NotFound, UnknownToolSet
@@ -34,6 +34,7 @@ from orchestrator.store import (
     TrajectoryStatus,
     session_scope,
 )
+from tests.celery_messages import decode
 from tests.live_server import free_port, serve
 
 __all__: list[str] = []
@@ -53,9 +54,8 @@ def planner_messages(broker: redis.Redis) -> list[dict[str, Any]]:
     """Celery messages waiting on the planner queue, decoded to their task name, kwargs and expiry."""
     out = []
     for raw in broker.lrange("planner", 0, -1):
-        envelope = json.loads(raw)
-        _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-        out.append({"task": envelope["headers"]["task"], "kwargs": kwargs, "expires": envelope["headers"]["expires"]})
+        headers, kwargs = decode(raw)
+        out.append({"task": headers["task"], "kwargs": kwargs, "expires": headers["expires"]})
     return out
 
 

@@ -7,7 +7,6 @@ score 100%, and with one ground-truth call left out the checker must fail that e
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from orchestrator.client import Client
 from orchestrator.schemas import TaskOptions, TaskSpec
 from orchestrator.settings import Settings
 from orchestrator.store import Message, ToolCall, Trajectory
+from tests.celery_messages import decode
 from tests.pools import running_pools, scripted_roles
 from tests.replay_roles import SKIP_ENV
 from training.bfcl_eval import TIMEOUT, evaluate_bfcl, select_ids
@@ -41,8 +41,7 @@ BASE = {"category": "multi_turn_base", "split": "test"}
 def _take(broker: redis.Redis, queue: str) -> dict[str, Any]:
     """The one message waiting on ``queue``, removed from it, as the kwargs its worker would get."""
     assert broker.llen(queue) == 1, f"expected one message on {queue}"
-    envelope = json.loads(broker.rpop(queue))
-    _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    _headers, kwargs = decode(broker.rpop(queue))
     return kwargs
 
 

@@ -13,17 +13,15 @@ from orchestrator import queues
 from orchestrator.settings import Settings
 
 
-def _connect(settings: Settings) -> Connection:
-    """A connection configured exactly as umiq's workers configure theirs."""
-    config = queues.celery_config(settings)
-    return Connection(
-        config["broker_url"], transport=config["broker_transport"], transport_options=config["broker_transport_options"]
-    )
+def _connect() -> Connection:
+    """A connection of umiq's Celery app, which the ``settings`` fixture pointed at the test broker: the transport
+    and options its workers consume with."""
+    return queues.app.connection_for_read()
 
 
 @pytest.fixture
 def broker(settings: Settings, redis_queues: redis.Redis) -> Iterator[Connection]:
-    with _connect(settings) as connection:
+    with _connect() as connection:
         yield connection
 
 
@@ -54,7 +52,7 @@ def test_messages_held_but_not_acknowledged_go_back_when_the_consumer_stops(
 ) -> None:
     """A warm shutdown: the worker finished (acknowledged) one message and had not started the other two."""
     held: list[Message] = []
-    with _connect(settings) as worker:
+    with _connect() as worker:
         _publish(worker, 3)
         with worker.Consumer([Queue("planner")], callbacks=[lambda _body, message: held.append(message)], prefetch_count=3):
             for _ in range(3):
@@ -62,6 +60,6 @@ def test_messages_held_but_not_acknowledged_go_back_when_the_consumer_stops(
             held[0].ack()
             assert redis_queues.llen("planner") == 0
     assert redis_queues.llen("planner") == 2
-    with _connect(settings) as other, other.SimpleQueue("planner") as queue:
+    with _connect() as other, other.SimpleQueue("planner") as queue:
         indices = sorted(queue.get(timeout=2).payload["index"] for _ in range(2))
     assert indices == sorted(message.payload["index"] for message in held[1:]) == [1, 2]

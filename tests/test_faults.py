@@ -12,7 +12,6 @@ exactly the steps and messages its turns call for.
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 import subprocess
@@ -32,6 +31,7 @@ from orchestrator.protocol import ModelRole
 from orchestrator.queues import STEP_RESULT
 from orchestrator.settings import REGISTRY, RoleSettings, Settings
 from orchestrator.store import Step
+from tests.celery_messages import decode
 from tests.fault_harness import (
     POISON_CRASH,
     POISON_ERROR,
@@ -180,8 +180,8 @@ def test_poison_steps_are_dead_lettered_with_their_error_and_shown(ready: Cluste
         killer = session.exec(select(Step).where(Step.trajectory_id == crashed.trajectory_id, Step.kind == "caller")).one()
     with redis.Redis.from_url(faulty.redis.url) as broker:
         assert not broker.exists("unacked", "unacked_index"), "kombu's ack emulation is on again"
-        queued = [json.loads(raw) for raw in broker.lrange("caller", 0, -1)]
-    assert not [m for m in queued if json.loads(base64.b64decode(m["body"]))[1].get("step_id") == killer.id]
+        queued = [decode(raw)[1] for raw in broker.lrange("caller", 0, -1)]
+    assert not [kwargs for kwargs in queued if kwargs.get("step_id") == killer.id]
 
     api = create_app(faulty.settings.model_copy(update={"api_auth": False}))
     with TestClient(api) as http:
