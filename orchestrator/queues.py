@@ -90,7 +90,7 @@ def step_expiry_s(settings: Settings) -> float | None:
 def _broker(settings: Settings) -> tuple[str, dict[str, Any]]:
     if not settings.embedded:
         # kombu's emulated acks cost two Redis transactions per message consumed (record a copy of the message in an
-        # "unacked" hash on receipt, delete it on ack), about a fifth of a pool's CPU per step, so that a dead
+        # "unacked" hash on receipt, delete it on ack; see bench/results/overhead-ack-emulation.json), so that a dead
         # worker's messages can be handed out again after a visibility timeout. umiq needs none of it: Postgres is the
         # truth and the sweeper re-sends every step whose result has not come (orchestrator.engine.sweep), sooner
         # than any visibility timeout a long generation allows, and the copy Redis would restore had expired by then
